@@ -1,0 +1,423 @@
+//! Wires the standalone proxy together: file config source → compile → snapshot → listeners,
+//! plus the admin server, hot reload, DNS refresh and graceful shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::config::compile::BackendTarget;
+use crate::config::file::{FileSource, Fingerprint};
+use crate::config::{ConfigError, PolicyConfig, PolicyId};
+use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::handler::ProxyState;
+use crate::proxy::listener::{BindError, Listeners};
+use crate::snapshot::{BuildError, Resolutions, Snapshot, SnapshotBuilder};
+
+/// How long one DNS lookup may take before the previous addresses are kept.
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Settings for [`start`].
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// The policy file.
+    pub config: PathBuf,
+    /// Where the admin server listens.
+    pub admin_addr: SocketAddr,
+    /// How often the file is checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The initial configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The initial configuration could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The admin port could not be bound.
+    #[error("cannot listen on admin address {addr}: {source}")]
+    AdminBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Metric registration failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// Why a valid configuration could not be put into service.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A referenced file (TLS) could not be used.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// Why a reload was rejected (the previous configuration keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Invalid file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Valid file that could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The proxy is shutting down.
+    #[error("the proxy is shutting down")]
+    Stopped,
+}
+
+type ReloadReply = oneshot::Sender<Result<u64, ReloadError>>;
+
+/// A running standalone proxy.
+pub struct RunningProxy {
+    admin_addr: SocketAddr,
+    admin: Arc<AdminState>,
+    state: Arc<ProxyState>,
+    listeners: Arc<Mutex<Listeners>>,
+    reload_tx: mpsc::Sender<ReloadReply>,
+    control_stop: CancellationToken,
+    admin_stop: CancellationToken,
+    control: JoinHandle<()>,
+}
+
+/// Loads the configuration, binds every listener and the admin port, and starts serving.
+pub async fn start(options: ProxyOptions) -> Result<RunningProxy, StartError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let state = Arc::new(ProxyState {
+        snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    let admin_listener = TcpListener::bind(options.admin_addr)
+        .await
+        .map_err(|source| StartError::AdminBind {
+            addr: options.admin_addr,
+            source,
+        })?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(options.admin_addr);
+    let listeners = Arc::new(Mutex::new(Listeners::new(Arc::clone(&state))));
+    let mut controller = Controller {
+        source: FileSource::new(&options.config),
+        builder: SnapshotBuilder::new(Arc::clone(&metrics)),
+        listeners: Arc::clone(&listeners),
+        state: Arc::clone(&state),
+        metrics: Arc::clone(&metrics),
+        configs: Vec::new(),
+        fingerprint: None,
+        failed_fingerprint: None,
+        resolutions: HashMap::new(),
+        next_dns: None,
+        version: 0,
+    };
+    let (configs, fingerprint) = controller.source.load()?;
+    controller.resolutions = resolve_dns(&configs, &HashMap::new()).await;
+    controller.apply(configs)?;
+    controller.fingerprint = Some(fingerprint);
+    controller.schedule_dns();
+
+    let admin = Arc::new(AdminState {
+        proxy: Arc::clone(&state),
+        metrics,
+        ready: true.into(),
+        draining: false.into(),
+        started: Instant::now(),
+    });
+    let admin_stop = CancellationToken::new();
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&admin),
+        admin_stop.clone(),
+    ));
+    tracing::info!(%admin_addr, "admin server listening");
+
+    let (reload_tx, reload_rx) = mpsc::channel(8);
+    let control_stop = CancellationToken::new();
+    let control =
+        tokio::spawn(controller.run(options.reload_interval, reload_rx, control_stop.clone()));
+    Ok(RunningProxy {
+        admin_addr,
+        admin,
+        state,
+        listeners,
+        reload_tx,
+        control_stop,
+        admin_stop,
+        control,
+    })
+}
+
+impl RunningProxy {
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The bound traffic address of a policy (useful when the file asks for port 0).
+    pub fn listener_addr(&self, policy: &str) -> Option<SocketAddr> {
+        let snapshot = self.state.snapshot.load();
+        let configured = snapshot
+            .policies
+            .iter()
+            .find(|p| p.config.id.name == policy || p.label == policy)?
+            .config
+            .listener
+            .addr;
+        lock(&self.listeners).local_addr(configured)
+    }
+
+    /// The snapshot version serving now.
+    pub fn config_version(&self) -> u64 {
+        self.state.snapshot.load().version
+    }
+
+    /// Re-reads the file now (as SIGHUP does). `Ok` carries the version serving afterwards.
+    pub async fn reload(&self) -> Result<u64, ReloadError> {
+        let (tx, rx) = oneshot::channel();
+        self.reload_tx
+            .send(tx)
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        rx.await.map_err(|_| ReloadError::Stopped)?
+    }
+
+    /// Graceful shutdown: readiness fails, after `delay` listeners stop accepting, in-flight
+    /// requests finish (HTTP/1 responses carry `Connection: close`, HTTP/2 gets GOAWAY) until
+    /// `drain_timeout`, then whatever is left (WebSocket tunnels included) is closed.
+    pub async fn shutdown(self, delay: Duration, drain_timeout: Duration) {
+        self.admin.draining.store(true, Ordering::Release);
+        tracing::info!("shutting down: readiness now fails");
+        tokio::time::sleep(delay).await;
+        self.control_stop.cancel();
+        let _ = self.control.await;
+        lock(&self.listeners).stop_all();
+        self.state.tasks.close();
+        if tokio::time::timeout(drain_timeout, self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?drain_timeout,
+                "drain deadline reached; closing remaining connections"
+            );
+            self.state.shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.state.tasks.wait()).await;
+        }
+        self.state.shutdown.cancel();
+        self.admin_stop.cancel();
+        tracing::info!("shutdown complete");
+    }
+}
+
+fn lock(listeners: &Mutex<Listeners>) -> MutexGuard<'_, Listeners> {
+    match listeners.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Owns the configuration lifecycle; runs on its own task, never on the request path.
+struct Controller {
+    source: FileSource,
+    builder: SnapshotBuilder,
+    listeners: Arc<Mutex<Listeners>>,
+    state: Arc<ProxyState>,
+    metrics: Arc<Metrics>,
+    configs: Vec<PolicyConfig>,
+    fingerprint: Option<Fingerprint>,
+    failed_fingerprint: Option<Fingerprint>,
+    resolutions: Resolutions,
+    next_dns: Option<Instant>,
+    version: u64,
+}
+
+impl Controller {
+    async fn run(
+        mut self,
+        interval: Duration,
+        mut reloads: mpsc::Receiver<ReloadReply>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let forced = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => None,
+                request = reloads.recv() => match request {
+                    Some(reply) => Some(reply),
+                    None => return,
+                },
+            };
+            let outcome = self.check_file(forced.is_some()).await;
+            if let Some(reply) = forced {
+                let _ = reply.send(outcome.map(|_| self.version));
+            }
+            if self.next_dns.is_some_and(|at| at <= Instant::now()) {
+                let resolved = resolve_dns(&self.configs, &self.resolutions).await;
+                self.schedule_dns();
+                if resolved != self.resolutions {
+                    tracing::info!("DNS answers changed; rebuilding endpoints");
+                    let previous = std::mem::replace(&mut self.resolutions, resolved);
+                    if let Err(err) = self.apply(self.configs.clone()) {
+                        tracing::error!(%err, "applying new DNS answers failed; keeping the previous endpoints");
+                        self.resolutions = previous;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reloads the file if it (or a file it names) changed, or unconditionally when `forced`.
+    async fn check_file(&mut self, forced: bool) -> Result<(), ReloadError> {
+        if !forced {
+            match self.source.fingerprint(&self.configs) {
+                Ok(fp) if Some(fp) == self.fingerprint || Some(fp) == self.failed_fingerprint => {
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    // A missing file mid-rename is normal for atomic replaces; report it once.
+                    if self.failed_fingerprint.is_none() {
+                        tracing::warn!(%err, "cannot read the config file; keeping the last good configuration");
+                    }
+                    return Err(err.into());
+                }
+            }
+        }
+        let result = match self.source.load() {
+            Ok((configs, fingerprint)) => {
+                if configs == self.configs {
+                    self.fingerprint = Some(fingerprint);
+                    self.failed_fingerprint = None;
+                    return Ok(());
+                }
+                let resolutions = resolve_dns(&configs, &self.resolutions).await;
+                let previous = std::mem::replace(&mut self.resolutions, resolutions);
+                match self.apply(configs) {
+                    Ok(()) => {
+                        self.fingerprint = Some(fingerprint);
+                        self.failed_fingerprint = None;
+                        self.schedule_dns();
+                        tracing::info!(version = self.version, "configuration reloaded");
+                        Ok(())
+                    }
+                    Err(err) => {
+                        self.resolutions = previous;
+                        self.failed_fingerprint = Some(fingerprint);
+                        Err(ReloadError::from(err))
+                    }
+                }
+            }
+            Err(err) => {
+                self.failed_fingerprint = self.source.fingerprint(&self.configs).ok();
+                Err(ReloadError::from(err))
+            }
+        };
+        if let Err(err) = &result {
+            self.metrics.config_reload_failures.inc();
+            tracing::error!(
+                "configuration rejected, the last good configuration keeps serving: {err}"
+            );
+        }
+        result
+    }
+
+    /// Builds and swaps in a snapshot for `configs`; on error nothing changes.
+    fn apply(&mut self, configs: Vec<PolicyConfig>) -> Result<(), ApplyError> {
+        let version = self.version + 1;
+        let snapshot = self.builder.build(version, &configs, &self.resolutions)?;
+        let mut listeners = lock(&self.listeners);
+        let prepared = listeners.prepare(&snapshot)?;
+        let snapshot = Arc::new(snapshot);
+        self.state.snapshot.store(Arc::clone(&snapshot));
+        listeners.commit(&snapshot, prepared);
+        drop(listeners);
+        self.version = version;
+        self.configs = configs;
+        self.metrics.config_reloads.inc();
+        self.metrics
+            .config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.metrics
+            .config_last_reload_success
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
+    fn schedule_dns(&mut self) {
+        let refresh = self
+            .configs
+            .iter()
+            .flat_map(|p| &p.backends)
+            .filter_map(|b| match b.target {
+                BackendTarget::Dns { refresh, .. } => Some(refresh),
+                _ => None,
+            })
+            .min();
+        self.next_dns = refresh.map(|r| Instant::now() + r);
+    }
+}
+
+/// Resolves every `dns:` backend. A failed lookup keeps the previous answer: stale addresses
+/// beat none while DNS is briefly unavailable.
+async fn resolve_dns(configs: &[PolicyConfig], previous: &Resolutions) -> Resolutions {
+    let mut out = HashMap::new();
+    for policy in configs {
+        for backend in &policy.backends {
+            let BackendTarget::Dns { host, port, .. } = &backend.target else {
+                continue;
+            };
+            let key = (policy.id.clone(), backend.name.clone());
+            let lookup =
+                tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host((host.as_str(), *port)))
+                    .await;
+            match lookup {
+                Ok(Ok(addrs)) => {
+                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    out.insert(key, addrs);
+                }
+                Ok(Err(err)) => {
+                    warn_dns(&policy.id, &backend.name, host, &err.to_string());
+                    if let Some(old) = previous.get(&key) {
+                        out.insert(key, old.clone());
+                    }
+                }
+                Err(_) => {
+                    warn_dns(&policy.id, &backend.name, host, "timed out");
+                    if let Some(old) = previous.get(&key) {
+                        out.insert(key, old.clone());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn warn_dns(policy: &PolicyId, backend: &str, host: &str, reason: &str) {
+    tracing::warn!(%policy, backend, host, reason, "DNS lookup failed; keeping previous addresses");
+}

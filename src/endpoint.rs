@@ -1,0 +1,317 @@
+//! Per-endpoint state (in-flight count, latency EWMA, counters, health) and the registry that
+//! keeps it across configuration snapshots.
+//!
+//! State is keyed by (policy, backend, address). A snapshot holds `Arc`s to the states it uses;
+//! the registry only holds `Weak`s, so an endpoint that no snapshot uses any more is freed (and
+//! its metric series removed) as soon as the last in-flight request on it completes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use prometheus::{IntGauge, IntGaugeVec};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::PolicyId;
+use crate::metrics::Metrics;
+
+/// How long an idle endpoint's latency estimate takes to decay (PeakEWMA's time constant).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Weight of each new (faster) sample in the moving average.
+const EWMA_WEIGHT: f64 = 0.2;
+/// Latency assumed for an endpoint that has not answered yet, so new endpoints are tried but
+/// not flooded.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Failures remembered per endpoint for `/backends/health`.
+const RECENT_FAILURES: usize = 8;
+
+/// Identity of an endpoint's state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// The policy it serves.
+    pub policy: PolicyId,
+    /// The backend it belongs to.
+    pub backend: String,
+    /// `host:port` or `ip:port`.
+    pub address: String,
+}
+
+/// Health as seen by active checks (or assumed before any).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// No check has run (or checks are off): traffic is allowed.
+    Unknown = 0,
+    /// The last checks passed.
+    Healthy = 1,
+    /// The last checks failed: no traffic.
+    Unhealthy = 2,
+}
+
+/// One failure, kept for operators.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailureRecord {
+    /// Seconds since the proxy started.
+    pub at_seconds: f64,
+    /// The error cause label.
+    pub cause: &'static str,
+}
+
+/// Shared, lock-free (on the request path) state of one endpoint.
+pub struct EndpointState {
+    key: EndpointKey,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    consecutive_failures: AtomicU32,
+    health: AtomicU8,
+    /// Peak-EWMA latency estimate in nanoseconds, stored as f64 bits.
+    rtt_estimate: AtomicU64,
+    /// Nanoseconds since [`epoch`] of the last estimate update.
+    rtt_stamp: AtomicU64,
+    recent_failures: Mutex<VecDeque<FailureRecord>>,
+    health_gauge: IntGauge,
+    gauges: (IntGaugeVec, IntGaugeVec),
+}
+
+impl EndpointState {
+    fn new(key: EndpointKey, metrics: &Metrics) -> Self {
+        let labels = [
+            key.policy.to_string(),
+            key.backend.clone(),
+            key.address.clone(),
+        ];
+        let labels = [labels[0].as_str(), labels[1].as_str(), labels[2].as_str()];
+        let health_gauge = metrics.backend_health.with_label_values(&labels);
+        health_gauge.set(1);
+        // Registered now so dashboards see every endpoint; breakers report through it.
+        metrics
+            .circuit_breaker_state
+            .with_label_values(&labels)
+            .set(0);
+        Self {
+            key,
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            health: AtomicU8::new(Health::Unknown as u8),
+            rtt_estimate: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            rtt_stamp: AtomicU64::new(now_nanos()),
+            recent_failures: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
+            health_gauge,
+            gauges: (
+                metrics.backend_health.clone(),
+                metrics.circuit_breaker_state.clone(),
+            ),
+        }
+    }
+
+    /// Identity.
+    pub fn key(&self) -> &EndpointKey {
+        &self.key
+    }
+
+    /// Whether the balancer may send a new request here.
+    pub fn is_admissible(&self) -> bool {
+        self.health() != Health::Unhealthy
+    }
+
+    /// Current health.
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Records a health-check verdict.
+    pub fn set_health(&self, health: Health) {
+        self.health.store(health as u8, Ordering::Relaxed);
+        self.health_gauge
+            .set(i64::from(health != Health::Unhealthy));
+    }
+
+    /// Requests currently in flight here.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Marks one request as started; the guard ends it when dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            endpoint: Arc::clone(self),
+        }
+    }
+
+    /// Records a completed attempt's time to response headers (feeds PeakEWMA).
+    pub fn observe_latency(&self, rtt: Duration) {
+        let now = now_nanos();
+        let rtt = rtt.as_nanos() as f64;
+        let current = self.decayed_estimate(now);
+        // Peak-sensitive: a slow answer is believed at once, fast ones pull the estimate down slowly.
+        let next = if rtt > current {
+            rtt
+        } else {
+            current * (1.0 - EWMA_WEIGHT) + rtt * EWMA_WEIGHT
+        };
+        self.rtt_estimate.store(next.to_bits(), Ordering::Relaxed);
+        self.rtt_stamp.store(now, Ordering::Relaxed);
+    }
+
+    /// The estimate decays towards zero while nothing is observed, so an endpoint that was slow
+    /// once is eventually tried (and measured) again.
+    fn decayed_estimate(&self, now: u64) -> f64 {
+        let estimate = f64::from_bits(self.rtt_estimate.load(Ordering::Relaxed));
+        let elapsed = now.saturating_sub(self.rtt_stamp.load(Ordering::Relaxed)) as f64;
+        estimate * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
+    }
+
+    /// Latency estimate in seconds (as `/backends/health` shows it).
+    pub fn latency_estimate(&self) -> Duration {
+        Duration::from_nanos(self.decayed_estimate(now_nanos()) as u64)
+    }
+
+    /// PeakEWMA load: estimated latency times outstanding work.
+    pub fn load_cost(&self) -> f64 {
+        self.decayed_estimate(now_nanos()) * f64::from(self.in_flight() + 1)
+    }
+
+    /// Records a successful exchange.
+    pub fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed exchange and its cause.
+    pub fn record_failure(&self, cause: &'static str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut recent) = self.recent_failures.lock() {
+            if recent.len() == RECENT_FAILURES {
+                recent.pop_front();
+            }
+            recent.push_back(FailureRecord {
+                at_seconds: Duration::from_nanos(now_nanos()).as_secs_f64(),
+                cause,
+            });
+        }
+    }
+
+    /// A point-in-time view for `/backends/health`.
+    pub fn report(&self) -> EndpointReport {
+        EndpointReport {
+            address: self.key.address.clone(),
+            backend: self.key.backend.clone(),
+            health: self.health(),
+            circuit_breaker: "closed",
+            in_flight: self.in_flight(),
+            requests_total: self.requests.load(Ordering::Relaxed),
+            failures_total: self.failures.load(Ordering::Relaxed),
+            consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            latency_ewma_ms: self.latency_estimate().as_secs_f64() * 1000.0,
+            recent_failures: self
+                .recent_failures
+                .lock()
+                .map(|r| r.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for EndpointState {
+    fn drop(&mut self) {
+        let policy = self.key.policy.to_string();
+        let labels = [
+            policy.as_str(),
+            self.key.backend.as_str(),
+            self.key.address.as_str(),
+        ];
+        // The series may already be gone if a reload re-created it; nothing to do then.
+        let _ = self.gauges.0.remove_label_values(&labels);
+        let _ = self.gauges.1.remove_label_values(&labels);
+    }
+}
+
+/// `/backends/health` entry for one endpoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointReport {
+    /// `host:port`.
+    pub address: String,
+    /// Backend name.
+    pub backend: String,
+    /// Health.
+    pub health: Health,
+    /// Breaker state.
+    pub circuit_breaker: &'static str,
+    /// Requests in flight.
+    pub in_flight: u32,
+    /// Requests sent since the endpoint appeared.
+    pub requests_total: u64,
+    /// Failed exchanges since the endpoint appeared.
+    pub failures_total: u64,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Peak-EWMA latency estimate.
+    pub latency_ewma_ms: f64,
+    /// The last few failures.
+    pub recent_failures: Vec<FailureRecord>,
+}
+
+/// Ends one in-flight request when dropped (so response bodies count until fully sent).
+pub struct InFlightGuard {
+    endpoint: Arc<EndpointState>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps endpoint state alive across snapshots, keyed by [`EndpointKey`].
+pub struct EndpointRegistry {
+    metrics: Arc<Metrics>,
+    states: Mutex<HashMap<EndpointKey, Weak<EndpointState>>>,
+}
+
+impl EndpointRegistry {
+    /// An empty registry reporting into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            states: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The state for `key`, shared with any live snapshot, or fresh state if none holds it.
+    /// Called only while building a snapshot, never on the request path.
+    pub fn get_or_create(&self, key: EndpointKey) -> Arc<EndpointState> {
+        let mut states = match self.states.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(existing) = states.get(&key).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let state = Arc::new(EndpointState::new(key.clone(), &self.metrics));
+        states.insert(key, Arc::downgrade(&state));
+        // Forget entries no snapshot holds any more.
+        states.retain(|_, weak| weak.strong_count() > 0);
+        state
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Monotonic nanoseconds since the first call (tokio's clock, so paused-time tests control it).
+pub fn now_nanos() -> u64 {
+    u64::try_from(Instant::now().saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,15 @@
+//! Breakwater: a resilience sidecar proxy.
+//!
+//! The crate is one library with clear rooms: `config` (the policy model both halves speak),
+//! the data plane (`proxy`, `balance`, `endpoint`, `snapshot`), `admin`, `metrics`, and `app`
+//! which wires the standalone proxy together. The data plane never depends on Kubernetes.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod endpoint;
+pub mod metrics;
+pub mod proxy;
+pub mod snapshot;

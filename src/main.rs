@@ -1,0 +1,246 @@
+//! The `breakwater` command line: parses arguments, sets up logging and the runtime, and calls
+//! into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use breakwater::app::{self, ProxyOptions, RunningProxy};
+use breakwater::config::{self, ConfigError};
+use breakwater::demo::{DemoBehaviour, spawn_backend};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The policy `breakwater demo` runs when no --config is given.
+const DEMO_POLICY: &str = include_str!("../examples/demo.yaml");
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "breakwater",
+    version,
+    about = "A resilience sidecar proxy: timeouts, retries, circuit breakers and rate limits in front of your service."
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BREAKWATER_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy from a local policy file (hot-reloaded on change and on SIGHUP).
+    Run(RunArgs),
+    /// Check policy files offline; exit 1 listing every error with its field path.
+    Validate {
+        /// Files holding one or more ResiliencePolicy documents.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Start local demo backends (healthy, flaky, slow) and the proxy in front of them.
+    Demo {
+        /// Policy file; defaults to the embedded examples/demo.yaml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Policy file (one or more ResiliencePolicy YAML documents).
+    #[arg(long, short = 'c', env = "BREAKWATER_CONFIG")]
+    config: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct CommonArgs {
+    /// Admin server address (/health, /ready, /metrics, /backends/health, /config).
+    #[arg(long, default_value = "127.0.0.1:9901", env = "BREAKWATER_ADMIN_ADDR")]
+    admin_addr: SocketAddr,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, env = "BREAKWATER_WORKERS")]
+    workers: Option<usize>,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Time between failing readiness and closing listeners on SIGTERM (lets load balancers notice).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    shutdown_delay: Duration,
+    /// How often the policy file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    reload_interval: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    config::units::parse_duration(text)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Validate { files } => return validate(&files),
+        Command::Run(args) => run_blocking(args.common, |common| async move {
+            let proxy = app::start(options(args.config, &common)).await?;
+            serve_until_signal(proxy, &common).await
+        }),
+        Command::Demo { config, common } => {
+            run_blocking(common, |common| async move { demo(config, &common).await })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run_blocking<F, Fut>(common: CommonArgs, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(CommonArgs) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(workers) = common.workers {
+        anyhow::ensure!(workers > 0, "--workers must be at least 1");
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.build().context("starting the async runtime")?;
+    runtime.block_on(body(common))
+}
+
+fn options(config: PathBuf, common: &CommonArgs) -> ProxyOptions {
+    ProxyOptions {
+        config,
+        admin_addr: common.admin_addr,
+        reload_interval: common.reload_interval,
+    }
+}
+
+async fn serve_until_signal(proxy: RunningProxy, common: &CommonArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                // Errors are logged and counted by the reload itself.
+                let _ = proxy.reload().await;
+            }
+        }
+    }
+    proxy
+        .shutdown(common.shutdown_delay, common.drain_timeout)
+        .await;
+    Ok(())
+}
+
+async fn demo(config: Option<PathBuf>, common: &CommonArgs) -> anyhow::Result<()> {
+    let backends = [
+        ("healthy", 9001, DemoBehaviour::Healthy),
+        ("flaky", 9002, DemoBehaviour::Flaky),
+        ("slow", 9003, DemoBehaviour::Slow),
+    ];
+    for (name, port, behaviour) in backends {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        spawn_backend(addr, name, behaviour)
+            .await
+            .with_context(|| {
+                format!("starting the {name} demo backend on {addr} (is the port free?)")
+            })?;
+    }
+    let path = match config {
+        Some(path) => path,
+        None => {
+            let path =
+                std::env::temp_dir().join(format!("breakwater-demo-{}.yaml", std::process::id()));
+            std::fs::write(&path, DEMO_POLICY)
+                .with_context(|| format!("writing {}", path.display()))?;
+            path
+        }
+    };
+    let proxy = app::start(options(path.clone(), common)).await?;
+    let listener = proxy
+        .listener_addr("demo")
+        .map_or_else(|| "the policy's listener".to_owned(), |a| a.to_string());
+    let admin = proxy.admin_addr();
+    println!(
+        "\nBreakwater demo is running.\n\
+         \n  policy file:     {}\n\
+         \n  try:             curl -s http://{listener}/hello\n\
+         \x20                  for i in $(seq 20); do curl -s -o /dev/null -w '%{{http_code}} ' http://{listener}/; done; echo\n\
+         \n  endpoints:       curl -s http://{admin}/backends/health\n\
+         \x20 metrics:         curl -s http://{admin}/metrics | grep ^proxy_\n\
+         \x20 health:          curl -s http://{admin}/health\n\
+         \n  backends:        healthy 127.0.0.1:9001, flaky 127.0.0.1:9002 (503 bursts), slow 127.0.0.1:9003 (300 ms)\n\
+         \n  Ctrl-C stops it.\n",
+        path.display()
+    );
+    serve_until_signal(proxy, common).await
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(err) => {
+                eprintln!("{}: cannot read: {err}", file.display());
+                failed = true;
+                continue;
+            }
+        };
+        match config::load_policies(&text, &file.display().to_string()) {
+            Ok(policies) => {
+                let names: Vec<String> = policies.iter().map(|p| p.id.to_string()).collect();
+                println!("{}: valid ({})", file.display(), names.join(", "));
+            }
+            Err(ConfigError::Invalid { origin, errors }) => {
+                failed = true;
+                for error in errors {
+                    eprintln!("{origin}: {error}");
+                }
+            }
+            Err(err) => {
+                failed = true;
+                eprintln!("{err}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

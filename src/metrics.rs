@@ -1,0 +1,254 @@
+//! Every metric family Breakwater exports, registered once in a registry the proxy owns.
+//!
+//! Never the process-global default registry: parallel tests (and several proxies in one
+//! process) must not collide.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds, from sub-millisecond loopback hops to the default 15 s request timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+    30.0,
+];
+
+/// The metric families.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by policy, backend (`none` when no endpoint was chosen) and status code.
+    pub requests: IntCounterVec,
+    /// Time from request arrival to response headers, by policy and backend.
+    pub request_duration: HistogramVec,
+    /// Time from sending one attempt to its response headers, by policy and backend.
+    pub upstream_duration: HistogramVec,
+    /// Failed requests by policy and cause (the same cause as the `x-breakwater-error` header).
+    pub errors: IntCounterVec,
+    /// 1 when an endpoint is considered healthy, by policy, backend and endpoint.
+    pub backend_health: IntGaugeVec,
+    /// 0 closed, 1 open, 2 half-open, by policy, backend and endpoint.
+    pub circuit_breaker_state: IntGaugeVec,
+    /// Requests rejected by a rate limit, by policy and scope.
+    pub rate_limit_rejected: IntCounterVec,
+    /// Client connections open, by policy.
+    pub active_connections: IntGaugeVec,
+    /// Client connections accepted, by policy.
+    pub connections: IntCounterVec,
+    /// Client connections refused at accept, by policy and reason.
+    pub connections_rejected: IntCounterVec,
+    /// WebSocket sessions open, by policy.
+    pub websocket_sessions_active: IntGaugeVec,
+    /// WebSocket sessions started, by policy.
+    pub websocket_sessions: IntCounterVec,
+    /// Configurations applied (the first load included).
+    pub config_reloads: IntCounter,
+    /// Configurations rejected; the last good one kept serving.
+    pub config_reload_failures: IntCounter,
+    /// Unix time of the last applied configuration.
+    pub config_last_reload_success: IntGauge,
+    /// Version of the snapshot currently serving.
+    pub config_version: IntGauge,
+}
+
+/// What went wrong registering a metric (only possible through a programming error).
+#[derive(Debug, thiserror::Error)]
+#[error("registering metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    /// Creates the families in a fresh registry.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, MetricsError> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let histogram_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, MetricsError> {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let metrics = Self {
+            requests: counter_vec(
+                "proxy_requests_total",
+                "Requests answered by the proxy.",
+                &["policy", "backend", "code"],
+            )?,
+            request_duration: histogram_vec(
+                "proxy_request_duration_seconds",
+                "Time from request arrival to response headers.",
+                &["policy", "backend"],
+            )?,
+            upstream_duration: histogram_vec(
+                "proxy_upstream_duration_seconds",
+                "Time from sending one upstream attempt to its response headers.",
+                &["policy", "backend"],
+            )?,
+            errors: counter_vec(
+                "proxy_errors_total",
+                "Requests the proxy answered with an error of its own, by cause.",
+                &["policy", "cause"],
+            )?,
+            backend_health: gauge_vec(
+                "backend_health",
+                "1 when the endpoint is considered healthy, 0 otherwise.",
+                &["policy", "backend", "endpoint"],
+            )?,
+            circuit_breaker_state: gauge_vec(
+                "circuit_breaker_state",
+                "Circuit breaker state per endpoint: 0 closed, 1 open, 2 half-open.",
+                &["policy", "backend", "endpoint"],
+            )?,
+            rate_limit_rejected: counter_vec(
+                "rate_limit_rejected_total",
+                "Requests rejected by a rate limit.",
+                &["policy", "scope"],
+            )?,
+            active_connections: gauge_vec(
+                "proxy_active_connections",
+                "Client connections currently open.",
+                &["policy"],
+            )?,
+            connections: counter_vec(
+                "proxy_connections_total",
+                "Client connections accepted.",
+                &["policy"],
+            )?,
+            connections_rejected: counter_vec(
+                "proxy_connections_rejected_total",
+                "Client connections closed at accept, by reason.",
+                &["policy", "reason"],
+            )?,
+            websocket_sessions_active: gauge_vec(
+                "websocket_sessions_active",
+                "WebSocket sessions currently open.",
+                &["policy"],
+            )?,
+            websocket_sessions: counter_vec(
+                "websocket_sessions_total",
+                "WebSocket sessions established.",
+                &["policy"],
+            )?,
+            config_reloads: {
+                let c = IntCounter::new("config_reloads_total", "Configurations applied.")?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            config_reload_failures: {
+                let c = IntCounter::new(
+                    "config_reload_failures_total",
+                    "Configurations rejected; the last good configuration kept serving.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            config_last_reload_success: {
+                let g = IntGauge::new(
+                    "config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last applied configuration.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            config_version: {
+                let g = IntGauge::new(
+                    "config_version",
+                    "Version of the configuration snapshot serving.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            registry,
+        };
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "breakwater_build_info",
+                "Always 1; labels carry the version.",
+            ),
+            &["version"],
+        )?;
+        metrics.registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(metrics)
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families; an error would leave `buf` short.
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(%err, "encoding metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The registry, for callers that add families of their own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Pre-resolved per-backend handles so the request path does no label hashing.
+pub struct BackendMetrics {
+    policy: String,
+    backend: String,
+    requests: IntCounterVec,
+    by_code: Box<[OnceLock<IntCounter>]>,
+    /// Request duration for this backend.
+    pub request_duration: Histogram,
+    /// Upstream attempt duration for this backend.
+    pub upstream_duration: Histogram,
+}
+
+impl BackendMetrics {
+    /// Resolves the handles for `policy` / `backend`.
+    pub fn new(metrics: &Metrics, policy: &str, backend: &str) -> Self {
+        Self {
+            policy: policy.to_owned(),
+            backend: backend.to_owned(),
+            requests: metrics.requests.clone(),
+            by_code: (100..600).map(|_| OnceLock::new()).collect(),
+            request_duration: metrics
+                .request_duration
+                .with_label_values(&[policy, backend]),
+            upstream_duration: metrics
+                .upstream_duration
+                .with_label_values(&[policy, backend]),
+        }
+    }
+
+    /// Counts one answered request with `status`.
+    pub fn count(&self, status: u16) {
+        let Some(slot) = status
+            .checked_sub(100)
+            .and_then(|i| self.by_code.get(usize::from(i)))
+        else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.requests.with_label_values(&[
+                self.policy.as_str(),
+                self.backend.as_str(),
+                &status.to_string(),
+            ])
+        })
+        .inc();
+    }
+}

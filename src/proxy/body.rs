@@ -1,0 +1,219 @@
+//! Request and response bodies: streamed frame by frame, never buffered whole.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use super::conn::ActiveRequest;
+use crate::endpoint::InFlightGuard;
+
+/// Why a client's request body could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// The client's body broke off or was malformed (bad chunking, early close).
+    #[error("client request body: {0}")]
+    Client(#[source] hyper::Error),
+    /// The body passed `limits.maxRequestBodyBytes`.
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(u64),
+}
+
+pin_project! {
+    /// A client's request body on its way upstream, counted against the body limit.
+    pub struct RequestBody {
+        #[pin]
+        inner: Incoming,
+        received: u64,
+        limit: u64,
+    }
+}
+
+impl RequestBody {
+    /// Wraps `inner`, failing once more than `limit` bytes arrive.
+    pub fn new(inner: Incoming, limit: u64) -> Self {
+        Self {
+            inner,
+            received: 0,
+            limit,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.received += data.len() as u64;
+                    if *this.received > *this.limit {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(*this.limit))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(err)) => Poll::Ready(Some(Err(RequestBodyError::Client(err)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Why a response body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    /// The upstream connection broke mid-body.
+    #[error("upstream response body: {0}")]
+    Upstream(#[source] hyper::Error),
+    /// No bytes moved for `timeouts.idle`.
+    #[error("upstream response body idle for longer than timeouts.idle")]
+    Idle,
+}
+
+pin_project! {
+    /// A response on its way to the client: either the backend's stream or a body the proxy wrote.
+    ///
+    /// It carries the guards that count the request as in flight (on the endpoint and on the
+    /// client connection) so both end only when the last byte has been handed to the client.
+    pub struct ResponseBody {
+        #[pin]
+        kind: Kind,
+        endpoint_guard: Option<InFlightGuard>,
+        active: Option<ActiveRequest>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind {
+        Full { data: Option<Bytes> },
+        Upstream {
+            #[pin]
+            inner: Incoming,
+            #[pin]
+            idle_timer: Sleep,
+            idle: Duration,
+            last_progress: Instant,
+        },
+    }
+}
+
+impl ResponseBody {
+    /// A complete body written by the proxy.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data = data.into();
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+            endpoint_guard: None,
+            active: None,
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+
+    /// The backend's body, failing if it stalls for `idle`.
+    pub fn upstream(inner: Incoming, idle: Duration, endpoint_guard: InFlightGuard) -> Self {
+        let now = Instant::now();
+        Self {
+            kind: Kind::Upstream {
+                inner,
+                idle_timer: tokio::time::sleep_until(now + idle),
+                idle,
+                last_progress: now,
+            },
+            endpoint_guard: Some(endpoint_guard),
+            active: None,
+        }
+    }
+
+    /// Keeps the client connection's request count until this body is done.
+    pub fn with_active(mut self, active: ActiveRequest) -> Self {
+        self.active = Some(active);
+        self
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Upstream {
+                inner,
+                mut idle_timer,
+                idle,
+                last_progress,
+            } => {
+                match inner.poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Cheap progress stamp; the timer is only re-armed when it fires.
+                        *last_progress = Instant::now();
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    Poll::Ready(Some(Err(err))) => {
+                        return Poll::Ready(Some(Err(ResponseBodyError::Upstream(err))));
+                    }
+                    Poll::Ready(None) => {
+                        this.endpoint_guard.take();
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => {}
+                }
+                loop {
+                    ready!(idle_timer.as_mut().poll(cx));
+                    let deadline = *last_progress + *idle;
+                    if deadline <= Instant::now() {
+                        return Poll::Ready(Some(Err(ResponseBodyError::Idle)));
+                    }
+                    idle_timer.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

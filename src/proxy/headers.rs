@@ -1,0 +1,439 @@
+//! Request validation, hop-by-hop stripping and forwarding headers (`X-Forwarded-*`, RFC 7239
+//! `Forwarded`, `Via`).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, Request, Version};
+
+use super::error::ProxyError;
+use crate::config::compile::Forwarding;
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
+/// proxy-specific ones no backend should see.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// What the proxy knows about the client side of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientSide<'a> {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The listener port the request arrived on.
+    pub local_port: u16,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// Trust and removal settings.
+    pub forwarding: &'a Forwarding,
+}
+
+/// Checks the request head and returns the authority the request is for.
+///
+/// Rejects (400) what hyper lets through but a proxy must not forward: a missing `Host` on
+/// HTTP/1.1, duplicate `Host`, an unparsable `Host`. An absolute-form target wins over `Host`
+/// (RFC 9112 §3.2.2), and `Host` is rewritten to match so the backend sees one answer.
+pub fn request_authority<B>(req: &Request<B>) -> Result<Option<Authority>, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("duplicate Host header"));
+    }
+    let from_host = match host {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse::<Authority>().ok())
+                .filter(|a| !a.host().is_empty() && !a.as_str().contains('@'))
+                .ok_or(ProxyError::BadRequest("invalid Host header"))?,
+        ),
+        None => None,
+    };
+    if let Some(authority) = req.uri().authority() {
+        if authority.as_str().contains('@') {
+            return Err(ProxyError::BadRequest("userinfo in request target"));
+        }
+        return Ok(Some(authority.clone()));
+    }
+    match (req.version(), from_host) {
+        (Version::HTTP_11, None) => Err(ProxyError::BadRequest("missing Host header")),
+        (_, host) => Ok(host),
+    }
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
+pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has_token(req.headers(), "upgrade")
+}
+
+fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers: the fixed list and every header `Connection` names.
+/// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (WebSocket handshakes).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        if let Ok(text) = value.to_str() {
+            for token in text.split(',') {
+                let token = token.trim();
+                if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    // `TE: trailers` is end-to-end in practice (gRPC needs it on HTTP/2 upstreams).
+    let te_trailers_only = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP {
+        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+            continue;
+        }
+        if te_trailers_only && name == header::TE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Rewrites a request's headers for forwarding.
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    version: Version,
+    authority: Option<&Authority>,
+    client: &ClientSide<'_>,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    for name in &client.forwarding.remove_request_headers {
+        headers.remove(name);
+    }
+    if let Some(authority) = authority {
+        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+            headers.insert(header::HOST, value);
+        }
+    }
+    let peer_ip = canonical_ip(client.peer.ip());
+    let trusted = client
+        .forwarding
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer_ip));
+    let proto = if client.tls { "https" } else { "http" };
+
+    // X-Forwarded-For: a trusted proxy's chain is extended; anyone else's claim is discarded.
+    let mut xff = String::with_capacity(48);
+    if trusted {
+        for value in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(text) = value.to_str() {
+                if !xff.is_empty() {
+                    xff.push_str(", ");
+                }
+                xff.push_str(text.trim());
+            }
+        }
+        if !xff.is_empty() {
+            xff.push_str(", ");
+        }
+    }
+    let _ = write!(xff, "{peer_ip}");
+    set(headers, &X_FORWARDED_FOR, &xff);
+
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            Some(host) => {
+                headers.insert(&X_FORWARDED_HOST, host);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_PORT)) {
+        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(client.local_port));
+    }
+
+    // RFC 7239: append our hop to a trusted chain, otherwise start a new one.
+    let mut forwarded = String::with_capacity(64);
+    if trusted {
+        for value in headers.get_all(&FORWARDED) {
+            if let Ok(text) = value.to_str() {
+                forwarded.push_str(text.trim());
+                forwarded.push_str(", ");
+            }
+        }
+    }
+    match peer_ip {
+        IpAddr::V4(ip) => {
+            let _ = write!(forwarded, "for={ip}");
+        }
+        IpAddr::V6(ip) => {
+            let _ = write!(forwarded, "for=\"[{ip}]\"");
+        }
+    }
+    if let Some(authority) = authority {
+        let _ = write!(forwarded, ";host={}", forwarded_value(authority.as_str()));
+    }
+    let _ = write!(forwarded, ";proto={proto}");
+    set(headers, &FORWARDED, &forwarded);
+
+    append_via(headers, version);
+}
+
+/// Rewrites a response's headers before it goes back to the client.
+pub fn prepare_response(
+    headers: &mut HeaderMap,
+    version: Version,
+    forwarding: &Forwarding,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    for name in &forwarding.remove_response_headers {
+        headers.remove(name);
+    }
+    append_via(headers, version);
+}
+
+/// Methods whose requests have no body unless one is framed explicitly.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn append_via(headers: &mut HeaderMap, version: Version) {
+    let hop = match version {
+        Version::HTTP_10 => "1.0 breakwater",
+        Version::HTTP_2 => "2 breakwater",
+        Version::HTTP_3 => "3 breakwater",
+        _ => "1.1 breakwater",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(hop));
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name, v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Quotes a `Forwarded` parameter value when it is not a plain token (RFC 7239 §4).
+fn forwarded_value(value: &str) -> String {
+    let is_token = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if is_token {
+        value.to_owned()
+    } else {
+        format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// IPv4-mapped IPv6 peers (dual-stack sockets) are reported as the IPv4 address they are.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipnet::IpNet;
+
+    fn forwarding(trusted: &[&str]) -> Forwarding {
+        Forwarding {
+            trusted_proxies: trusted
+                .iter()
+                .map(|t| t.parse::<IpNet>().unwrap())
+                .collect(),
+            ..Forwarding::default()
+        }
+    }
+
+    fn client<'a>(peer: &str, fwd: &'a Forwarding) -> ClientSide<'a> {
+        ClientSide {
+            peer: peer.parse().unwrap(),
+            local_port: 8080,
+            tls: false,
+            forwarding: fwd,
+        }
+    }
+
+    #[test]
+    fn untrusted_peer_replaces_spoofed_forwarding_headers() {
+        let fwd = forwarding(&[]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        let authority: Authority = "shop.example:8080".parse().unwrap();
+        prepare_request(
+            &mut h,
+            Version::HTTP_11,
+            Some(&authority),
+            &client("192.0.2.7:5555", &fwd),
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example:8080");
+        assert_eq!(h["x-forwarded-port"], "8080");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.7;host=\"shop.example:8080\";proto=http"
+        );
+        assert_eq!(h["via"], "1.1 breakwater");
+    }
+
+    #[test]
+    fn trusted_peer_chain_is_extended() {
+        let fwd = forwarding(&["10.0.0.0/8"]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("forwarded", HeaderValue::from_static("for=203.0.113.9"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        prepare_request(
+            &mut h,
+            Version::HTTP_2,
+            None,
+            &client("10.1.2.3:4000", &fwd),
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=203.0.113.9, for=10.1.2.3;proto=http");
+        assert_eq!(h["via"], "2 breakwater");
+    }
+
+    #[test]
+    fn ipv6_peers_are_quoted_in_forwarded() {
+        let fwd = forwarding(&[]);
+        let mut h = HeaderMap::new();
+        prepare_request(
+            &mut h,
+            Version::HTTP_11,
+            None,
+            &client("[2001:db8::1]:443", &fwd),
+            false,
+        );
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+
+    #[test]
+    fn connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret, Keep-Alive"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "only x-kept should survive: {h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_and_upgrade_survive_when_wanted() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn host_rules() {
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert!(matches!(
+            request_authority(&req),
+            Err(ProxyError::BadRequest("duplicate Host header"))
+        ));
+        let req = Request::builder().uri("/").body(()).unwrap();
+        assert!(matches!(
+            request_authority(&req),
+            Err(ProxyError::BadRequest("missing Host header"))
+        ));
+        let req = Request::builder()
+            .uri("/")
+            .version(Version::HTTP_10)
+            .body(())
+            .unwrap();
+        assert!(matches!(request_authority(&req), Ok(None)));
+        let req = Request::builder()
+            .uri("http://real.example/x")
+            .header("host", "other.example")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            request_authority(&req).unwrap().unwrap().as_str(),
+            "real.example"
+        );
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "bad host")
+            .body(())
+            .unwrap();
+        assert!(request_authority(&req).is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! The data plane: listeners, connections, the forwarding path, upstream clients, headers, TLS
+//! and WebSocket tunnels. Never depends on Kubernetes.
+
+pub mod body;
+pub mod client;
+pub mod conn;
+pub mod error;
+pub mod handler;
+pub mod headers;
+pub mod listener;
+pub mod tls;
+pub mod websocket;
