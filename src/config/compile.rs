@@ -285,6 +285,7 @@ pub fn check_listener_conflicts(policies: &[PolicyConfig]) -> Vec<(usize, FieldE
     let mut seen: HashMap<u16, (usize, IpAddr, &PolicyId)> = HashMap::new();
     let mut conflicts = Vec::new();
     for (index, policy) in policies.iter().enumerate() {
+        // Port 0 included: listeners are keyed by their configured address.
         let addr = policy.listener.addr;
         if let Some((_, other_ip, other_id)) = seen.get(&addr.port()) {
             // Same port on the same IP, or on a wildcard that overlaps any IP, cannot both bind.
@@ -442,10 +443,8 @@ fn compile_spec(
 }
 
 fn compile_listener(ctx: &mut Ctx<'_>, spec: &ResiliencePolicySpec) -> ListenerConfig {
+    // Port 0 asks the OS for a free port (tests, ad-hoc runs); `/backends/health` shows it.
     let port = spec.listener.port.unwrap_or(DEFAULT_PORT);
-    if port == 0 {
-        ctx.error("spec.listener.port", "must be between 1 and 65535");
-    }
     let ip = match &spec.listener.address {
         None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         Some(text) => text.parse().unwrap_or_else(|_| {

@@ -134,7 +134,7 @@ pub struct LabelSelectorRequirementSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListenerSpec {
-    /// TCP port; default 8080.
+    /// TCP port; default 8080. 0 lets the OS choose a free port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// IP address to bind; default `0.0.0.0`.

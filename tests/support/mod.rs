@@ -1,0 +1,262 @@
+//! Shared test fixtures: real loopback backends, a real proxy started from a real policy file,
+//! and real HTTP clients. Every server binds port 0 first, then serves (no readiness sleeps).
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use breakwater::app::{self, ProxyOptions, RunningProxy};
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A boxed response future, so backends can be written as closures.
+pub type BoxResponse = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+/// What a backend does with a request.
+pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxResponse + Send + Sync>;
+
+/// A real HTTP/1.1 + h2c server on loopback that counts and records what it receives.
+pub struct Backend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Requests received.
+    pub hits: Arc<AtomicUsize>,
+    /// Headers of every request received, in order.
+    pub seen: Arc<Mutex<Vec<HeaderMap>>>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    /// Starts a backend answering with `handler`.
+    pub async fn start(handler: Handler) -> Backend {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.expect("bind backend"), handler).await
+    }
+
+    /// Starts a backend on an already bound listener (to restart on a known port).
+    pub async fn start_on(listener: TcpListener, handler: Handler) -> Backend {
+        let addr = listener.local_addr().expect("backend addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (hits2, seen2) = (Arc::clone(&hits), Arc::clone(&seen));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let handler = Arc::clone(&handler);
+                let hits = Arc::clone(&hits2);
+                let seen = Arc::clone(&seen2);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        seen.lock().unwrap().push(req.headers().clone());
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, hits, seen, task }
+    }
+
+    /// A backend that answers `200` with `body`.
+    pub async fn text(body: &'static str) -> Backend {
+        Self::start(Arc::new(move |_req| Box::pin(async move { ok(body) }))).await
+    }
+
+    /// A backend that answers `200` with `body` after `delay`.
+    pub async fn slow(body: &'static str, delay: Duration) -> Backend {
+        Self::start(Arc::new(move |_req| {
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                ok(body)
+            })
+        }))
+        .await
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Headers of the most recent request.
+    pub fn last_headers(&self) -> HeaderMap {
+        self.seen.lock().unwrap().last().cloned().expect("backend saw no request")
+    }
+
+    /// Stops accepting (open connections end when their tasks notice).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `200 OK` with a text body.
+pub fn ok(body: &'static str) -> Response<Full<Bytes>> {
+    Response::new(Full::new(Bytes::from_static(body.as_bytes())))
+}
+
+/// A response with `status` and a text body.
+pub fn status(code: u16, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = ok(body);
+    *resp.status_mut() = StatusCode::from_u16(code).expect("valid status");
+    resp
+}
+
+/// A running proxy plus the temporary policy file it watches.
+pub struct TestProxy {
+    /// The proxy.
+    pub proxy: Option<RunningProxy>,
+    /// The policy file (rewrite it to test reloads).
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// Writes `yaml` to a fresh file and starts a proxy on it (admin on an ephemeral port).
+    pub async fn start(yaml: &str) -> TestProxy {
+        Self::try_start(yaml).await.expect("proxy should start")
+    }
+
+    /// Like [`TestProxy::start`] but returns the start error.
+    pub async fn try_start(yaml: &str) -> Result<TestProxy, app::StartError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("policy.yaml");
+        std::fs::write(&config_path, yaml).expect("write policy");
+        let proxy = app::start(ProxyOptions {
+            config: config_path.clone(),
+            admin_addr: "127.0.0.1:0".parse().expect("addr"),
+            reload_interval: Duration::from_millis(100),
+        })
+        .await?;
+        Ok(TestProxy {
+            proxy: Some(proxy),
+            config_path,
+            _dir: dir,
+        })
+    }
+
+    /// The running proxy.
+    pub fn proxy(&self) -> &RunningProxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    /// The traffic address of policy `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.proxy().listener_addr(name).expect("policy listener bound")
+    }
+
+    /// `http://<listener of name><path>`.
+    pub fn url(&self, name: &str, path: &str) -> String {
+        format!("http://{}{path}", self.addr(name))
+    }
+
+    /// `http://<admin><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy().admin_addr())
+    }
+}
+
+/// A minimal policy named `name` on an ephemeral port with the given backends and extra spec
+/// lines (indented two spaces under `spec:`).
+pub fn policy(name: &str, backends: &[(&str, SocketAddr)], extra: &str) -> String {
+    let mut yaml = format!(
+        "apiVersion: breakwater.io/v1alpha1\nkind: ResiliencePolicy\nmetadata:\n  name: {name}\nspec:\n  listener: {{port: 0, address: 127.0.0.1}}\n  backends:\n"
+    );
+    for (backend, addr) in backends {
+        yaml.push_str(&format!("    - {{name: {backend}, url: \"http://{addr}\"}}\n"));
+    }
+    yaml.push_str(extra);
+    yaml
+}
+
+/// An HTTP/1.1 keep-alive client.
+pub fn http1_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+/// A finished response: status, headers and the whole body.
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as UTF-8 text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// GETs `url` with a fresh HTTP/1.1 client.
+pub async fn get(url: &str) -> Answer {
+    send(&http1_client(), Request::get(url).body(Full::new(Bytes::new())).expect("request")).await
+}
+
+/// Sends `req` and collects the answer.
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> Answer {
+    let resp = client.request(req).await.expect("request should get a response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("response body").to_bytes();
+    Answer { status, headers, body }
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes or `timeout`.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
