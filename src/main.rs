@@ -126,12 +126,19 @@ where
     F: FnOnce(CommonArgs) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker needs no work stealing: the current-thread scheduler skips its cross-thread
+    // queues and wake-ups, which is measurably cheaper per request.
+    let mut runtime = match common.workers {
+        Some(0) => anyhow::bail!("--workers must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all();
-    if let Some(workers) = common.workers {
-        anyhow::ensure!(workers > 0, "--workers must be at least 1");
-        runtime.worker_threads(workers);
-    }
     let runtime = runtime.build().context("starting the async runtime")?;
     runtime.block_on(body(common))
 }

@@ -13,7 +13,7 @@ use crate::config::compile::{BackendTarget, PolicyConfig};
 use crate::config::{FieldError, PolicyId};
 use crate::endpoint::{EndpointKey, EndpointRegistry, EndpointState};
 use crate::metrics::{BackendMetrics, Metrics};
-use crate::proxy::client::{ClientCache, ClientKey, UpstreamClient};
+use crate::proxy::pool::{ConnSettings, EndpointPool, PoolCache};
 use crate::proxy::tls;
 
 /// Addresses found for backends whose endpoints are discovered at run time (DNS, Kubernetes),
@@ -75,8 +75,8 @@ pub struct PolicyRuntime {
 pub struct RuntimeEndpoint {
     /// Shared, reload-surviving state.
     pub state: Arc<EndpointState>,
-    /// The pooled client for this endpoint's backend settings.
-    pub client: Arc<UpstreamClient>,
+    /// Connections to this endpoint (shared across snapshots while the settings stay the same).
+    pub pool: Arc<EndpointPool>,
     /// Where requests are sent (`ip:port` or `host:port`).
     pub authority: Authority,
     /// Index into the policy's backends.
@@ -105,7 +105,7 @@ pub struct BuildError {
 pub struct SnapshotBuilder {
     metrics: Arc<Metrics>,
     registry: EndpointRegistry,
-    clients: ClientCache,
+    pools: PoolCache,
 }
 
 impl SnapshotBuilder {
@@ -113,7 +113,7 @@ impl SnapshotBuilder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             registry: EndpointRegistry::new(Arc::clone(&metrics)),
-            clients: ClientCache::default(),
+            pools: PoolCache::default(),
             metrics,
         }
     }
@@ -152,15 +152,11 @@ impl SnapshotBuilder {
         let mut endpoints = Vec::new();
         let mut weights = Vec::new();
         for (index, backend) in config.backends.iter().enumerate() {
-            let key = ClientKey {
+            let settings = ConnSettings {
                 protocol: backend.protocol,
                 tls: backend.tls.clone(),
                 connect_timeout: config.timeouts.connect,
             };
-            let client = self
-                .clients
-                .get(&key)
-                .map_err(|e| fail(format!("spec.backends[{index}].tls"), e.to_string()))?;
             let metrics = Arc::new(BackendMetrics::new(&self.metrics, &label, &backend.name));
             let addresses: Vec<String> = match &backend.target {
                 BackendTarget::Static { authority } => vec![authority.clone()],
@@ -176,6 +172,10 @@ impl SnapshotBuilder {
                         format!("invalid address {address:?}: {e}"),
                     )
                 })?;
+                let pool = self
+                    .pools
+                    .pool(&address, &settings)
+                    .map_err(|e| fail(format!("spec.backends[{index}].tls"), e.to_string()))?;
                 let state = self.registry.get_or_create(EndpointKey {
                     policy: config.id.clone(),
                     backend: backend.name.clone(),
@@ -183,7 +183,7 @@ impl SnapshotBuilder {
                 });
                 endpoints.push(RuntimeEndpoint {
                     state,
-                    client: Arc::clone(&client),
+                    pool,
                     authority,
                     backend_index: index,
                     metrics: Arc::clone(&metrics),
@@ -193,7 +193,7 @@ impl SnapshotBuilder {
         }
         Ok(PolicyRuntime {
             balancer: Balancer::new(config.algorithm, &weights),
-            unrouted_metrics: BackendMetrics::new(&self.metrics, &label, "none"),
+            unrouted_metrics: BackendMetrics::unrouted(&self.metrics, &label),
             label,
             endpoints,
             tls_acceptor,

@@ -11,6 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::conn::ActiveRequest;
+use super::pool::PoolReturn;
 use crate::endpoint::InFlightGuard;
 
 /// Why a client's request body could not be forwarded.
@@ -25,12 +26,24 @@ pub enum RequestBodyError {
 }
 
 pin_project! {
-    /// A client's request body on its way upstream, counted against the body limit.
+    /// A request body on its way upstream: the client's stream, counted against the body limit,
+    /// or nothing (health checks, bodiless requests built by the proxy).
     pub struct RequestBody {
         #[pin]
-        inner: Incoming,
-        received: u64,
-        limit: u64,
+        kind: RequestKind,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind {
+        Empty,
+        Streaming {
+            #[pin]
+            inner: Incoming,
+            received: u64,
+            limit: u64,
+        },
     }
 }
 
@@ -38,9 +51,33 @@ impl RequestBody {
     /// Wraps `inner`, failing once more than `limit` bytes arrive.
     pub fn new(inner: Incoming, limit: u64) -> Self {
         Self {
-            inner,
-            received: 0,
-            limit,
+            kind: RequestKind::Streaming {
+                inner,
+                received: 0,
+                limit,
+            },
+        }
+    }
+
+    /// No body.
+    pub fn empty() -> Self {
+        Self {
+            kind: RequestKind::Empty,
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            RequestKind::Empty => f.write_str("RequestBody::Empty"),
+            RequestKind::Streaming {
+                received, limit, ..
+            } => f
+                .debug_struct("RequestBody::Streaming")
+                .field("received", received)
+                .field("limit", limit)
+                .finish(),
         }
     }
 }
@@ -53,28 +90,40 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.received += data.len() as u64;
-                    if *this.received > *this.limit {
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(*this.limit))));
+        match self.project().kind.project() {
+            RequestKindProj::Empty => Poll::Ready(None),
+            RequestKindProj::Streaming {
+                inner,
+                received,
+                limit,
+            } => match ready!(inner.poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        *received += data.len() as u64;
+                        if *received > *limit {
+                            return Poll::Ready(Some(Err(RequestBodyError::TooLarge(*limit))));
+                        }
                     }
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(err)) => Poll::Ready(Some(Err(RequestBodyError::Client(err)))),
-            None => Poll::Ready(None),
+                Some(Err(err)) => Poll::Ready(Some(Err(RequestBodyError::Client(err)))),
+                None => Poll::Ready(None),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            RequestKind::Empty => true,
+            RequestKind::Streaming { inner, .. } => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            RequestKind::Empty => SizeHint::with_exact(0),
+            RequestKind::Streaming { inner, .. } => inner.size_hint(),
+        }
     }
 }
 
@@ -99,6 +148,7 @@ pin_project! {
         kind: Kind,
         endpoint_guard: Option<InFlightGuard>,
         active: Option<ActiveRequest>,
+        pool_return: Option<PoolReturn>,
     }
 }
 
@@ -127,6 +177,7 @@ impl ResponseBody {
             },
             endpoint_guard: None,
             active: None,
+            pool_return: None,
         }
     }
 
@@ -135,9 +186,23 @@ impl ResponseBody {
         Self::full(Bytes::new())
     }
 
-    /// The backend's body, failing if it stalls for `idle`.
-    pub fn upstream(inner: Incoming, idle: Duration, endpoint_guard: InFlightGuard) -> Self {
+    /// The backend's body, failing if it stalls for `idle`. Its upstream connection (if any)
+    /// goes back to the pool once the body has been read to the end.
+    pub fn upstream(
+        inner: Incoming,
+        idle: Duration,
+        endpoint_guard: InFlightGuard,
+        pool_return: Option<PoolReturn>,
+    ) -> Self {
         let now = Instant::now();
+        // A response without a body may never be polled: release its connection now.
+        let pool_return = match pool_return {
+            Some(ret) if inner.is_end_stream() => {
+                ret.release();
+                None
+            }
+            other => other,
+        };
         Self {
             kind: Kind::Upstream {
                 inner,
@@ -147,6 +212,7 @@ impl ResponseBody {
             },
             endpoint_guard: Some(endpoint_guard),
             active: None,
+            pool_return,
         }
     }
 
@@ -185,6 +251,9 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(None) => {
                         this.endpoint_guard.take();
+                        if let Some(ret) = this.pool_return.take() {
+                            ret.release();
+                        }
                         return Poll::Ready(None);
                     }
                     Poll::Pending => {}

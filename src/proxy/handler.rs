@@ -23,6 +23,7 @@ use super::body::{RequestBody, RequestBodyError, ResponseBody};
 use super::conn::{ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL};
 use super::error::ProxyError;
 use super::headers::{self, ClientSide};
+use super::pool::{ConnectError, PoolReturn, SendError};
 use super::websocket;
 use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
 
@@ -168,7 +169,11 @@ async fn forward<'p>(
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     parts.uri = match Uri::builder()
-        .scheme(endpoint.client.scheme.clone())
+        .scheme(if endpoint.pool.is_tls() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        })
         .authority(endpoint.authority.clone())
         .path_and_query(path_and_query)
         .build()
@@ -176,7 +181,7 @@ async fn forward<'p>(
         Ok(uri) => uri,
         Err(_) => return fail(ProxyError::BadRequest("invalid request target"), None, 0),
     };
-    parts.version = if endpoint.client.http2 {
+    parts.version = if endpoint.pool.is_http2() {
         Version::HTTP_2
     } else {
         Version::HTTP_11
@@ -199,7 +204,7 @@ async fn forward<'p>(
     } else {
         None
     };
-    if endpoint.client.http2 {
+    if endpoint.pool.is_http2() {
         // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
         parts.headers.remove(header::HOST);
     }
@@ -221,30 +226,27 @@ async fn forward<'p>(
     let sent = Instant::now();
     let result = tokio::time::timeout(
         attempt_timeout,
-        endpoint.client.client.request(upstream_req),
+        exchange(endpoint, upstream_req, timeouts.connect),
     )
     .await;
-    let mut response = match result {
+    let (mut response, pool_return) = match result {
         Err(_) => {
             endpoint.state.record_failure(timeout_error.cause());
             return fail(timeout_error, Some(endpoint), 1);
         }
-        Ok(Err(err)) => {
-            let error = classify(&err, timeouts.connect);
+        Ok(Err(error)) => {
             if error.is_endpoint_failure() {
                 endpoint.state.record_failure(error.cause());
             }
-            tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream request failed");
             return fail(error, Some(endpoint), 1);
         }
-        Ok(Ok(response)) => response,
+        Ok(Ok(exchanged)) => exchanged,
     };
     let rtt = sent.elapsed();
     endpoint.state.observe_latency(rtt);
-    endpoint
-        .metrics
-        .upstream_duration
-        .observe(rtt.as_secs_f64());
+    if let Some(histogram) = &endpoint.metrics.upstream_duration {
+        histogram.observe(rtt.as_secs_f64());
+    }
     if response.status().is_server_error() {
         endpoint.state.record_failure("status_5xx");
     } else {
@@ -298,7 +300,8 @@ async fn forward<'p>(
         &config.forwarding,
         false,
     );
-    let response = response.map(|body| ResponseBody::upstream(body, timeouts.idle, guard));
+    let response =
+        response.map(|body| ResponseBody::upstream(body, timeouts.idle, guard, pool_return));
     (
         response,
         Outcome {
@@ -316,14 +319,53 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
         .and_then(|s| s.parse().ok())
 }
 
-/// Maps a client error to the one cause it represents.
-fn classify(
-    err: &hyper_util::client::legacy::Error,
+/// Most pooled connections a request tries before opening a fresh one, when each turns out to
+/// have been closed by the backend before the request could be written.
+const MAX_STALE_CONNECTIONS: usize = 3;
+
+/// Sends `req` to `endpoint` on a pooled or new connection. A request that provably never left
+/// (its pooled connection was already closed) is resent on another connection, whatever its method.
+async fn exchange(
+    endpoint: &RuntimeEndpoint,
+    mut req: Request<RequestBody>,
     connect_timeout: std::time::Duration,
-) -> ProxyError {
+) -> Result<(Response<Incoming>, Option<PoolReturn>), ProxyError> {
+    let mut stale = 0;
+    loop {
+        let conn = endpoint
+            .pool
+            .checkout()
+            .await
+            .map_err(|e| classify_connect(&e, connect_timeout))?;
+        let reused = conn.reused;
+        match conn.send(&endpoint.pool, req).await {
+            Ok(exchanged) => return Ok(exchanged),
+            Err(SendError::NotSent(unsent, err)) if reused && stale < MAX_STALE_CONNECTIONS => {
+                tracing::debug!(endpoint = %endpoint.authority, %err, "pooled connection was closed; resending");
+                stale += 1;
+                req = *unsent;
+            }
+            Err(SendError::NotSent(_, err)) | Err(SendError::Failed(err)) => {
+                let error = classify_send(&err);
+                tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream exchange failed");
+                return Err(error);
+            }
+        }
+    }
+}
+
+fn classify_connect(err: &ConnectError, connect_timeout: std::time::Duration) -> ProxyError {
+    match err {
+        ConnectError::Timeout(_) => ProxyError::ConnectTimeout(connect_timeout),
+        ConnectError::Refused => ProxyError::ConnectRefused,
+        ConnectError::Failed(_) | ConnectError::Handshake(_) => ProxyError::ConnectFailed,
+    }
+}
+
+/// Maps a failed exchange to the one cause it represents: the client's body first (its fault,
+/// 400/413), then a malformed response, else a broken connection.
+fn classify_send(err: &hyper::Error) -> ProxyError {
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
-    let mut io_kind = None;
-    let mut hyper_err: Option<&hyper::Error> = None;
     while let Some(e) = source {
         if let Some(body_err) = e.downcast_ref::<RequestBodyError>() {
             return match body_err {
@@ -331,26 +373,12 @@ fn classify(
                 RequestBodyError::TooLarge(limit) => ProxyError::BodyTooLarge(*limit),
             };
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            io_kind.get_or_insert(io.kind());
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            hyper_err.get_or_insert(h);
-        }
         source = e.source();
     }
-    if err.is_connect() {
-        return match io_kind {
-            Some(std::io::ErrorKind::TimedOut) => ProxyError::ConnectTimeout(connect_timeout),
-            Some(std::io::ErrorKind::ConnectionRefused) => ProxyError::ConnectRefused,
-            _ => ProxyError::ConnectFailed,
-        };
-    }
-    match hyper_err {
-        Some(h) if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() => {
-            ProxyError::UpstreamProtocol
-        }
-        _ => ProxyError::UpstreamReset,
+    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+        ProxyError::UpstreamProtocol
+    } else {
+        ProxyError::UpstreamReset
     }
 }
 

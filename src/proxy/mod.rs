@@ -2,11 +2,11 @@
 //! and WebSocket tunnels. Never depends on Kubernetes.
 
 pub mod body;
-pub mod client;
 pub mod conn;
 pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod listener;
+pub mod pool;
 pub mod tls;
 pub mod websocket;

@@ -1,0 +1,449 @@
+//! Upstream connections: one pool per endpoint and connection setting, shared across snapshots.
+//!
+//! Built directly on hyper's connection API rather than hyper-util's pooled client: the proxy
+//! already knows which endpoint it wants, so there is no key to hash per request, no shared pool
+//! map, and no boxed futures; and it learns exactly whether a request was written before a
+//! failure (a request that never left can be resent anywhere, whatever its method).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::body::RequestBody;
+use super::tls::{TlsError, client_config};
+use crate::config::compile::UpstreamTls;
+use crate::config::spec::UpstreamProtocol;
+
+/// How long an unused upstream connection stays pooled. Shorter than common backend keep-alive
+/// timeouts (60 s nginx, 75 s Envoy) so the proxy, not the backend, closes idle connections,
+/// which avoids writing a request into a socket the backend is closing.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// What makes two backends' connections interchangeable.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnSettings {
+    /// HTTP/1.1 or HTTP/2.
+    pub protocol: UpstreamProtocol,
+    /// TLS settings, if any.
+    pub tls: Option<UpstreamTls>,
+    /// Connect timeout (TCP and TLS handshake together).
+    pub connect_timeout: Duration,
+}
+
+/// Why a new connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP + TLS did not finish within the connect timeout.
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    /// The endpoint refused the TCP connection.
+    #[error("connection refused")]
+    Refused,
+    /// Name resolution, routing or the TLS handshake failed.
+    #[error("connect failed: {0}")]
+    Failed(#[source] io::Error),
+    /// The HTTP handshake (HTTP/2 preface) failed.
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+}
+
+/// Why a request could not be exchanged on a connection.
+#[derive(Debug)]
+pub enum SendError {
+    /// The request was never written; it is handed back so it can go elsewhere.
+    NotSent(Box<Request<RequestBody>>, hyper::Error),
+    /// The request may have reached the backend.
+    Failed(hyper::Error),
+}
+
+enum Sender {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+/// A connection checked out for one request.
+pub struct Conn {
+    sender: Sender,
+    /// Whether the connection had served requests before (a stale pooled socket is possible).
+    pub reused: bool,
+}
+
+/// An HTTP/1.1 connection to hand back to its pool once its response body has been read.
+pub struct PoolReturn {
+    pool: Arc<EndpointPool>,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+impl PoolReturn {
+    /// Puts the connection back for reuse.
+    pub fn release(self) {
+        self.pool.checkin(self.sender);
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// Connections to one endpoint with one setting.
+pub struct EndpointPool {
+    authority: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    http2: bool,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+    shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    open: Arc<AtomicUsize>,
+}
+
+impl EndpointPool {
+    /// Whether requests go out as HTTP/2.
+    pub fn is_http2(&self) -> bool {
+        self.http2
+    }
+
+    /// Whether the connection is TLS (the URI scheme to use).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Open connections (pooled and busy).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A ready connection: the most recently used idle one, or a new one.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Conn, ConnectError> {
+        if self.http2 {
+            let existing = lock(&self.shared_h2).clone().filter(|s| !s.is_closed());
+            if let Some(sender) = existing {
+                return Ok(Conn {
+                    sender: Sender::H2(sender),
+                    reused: true,
+                });
+            }
+        } else {
+            while let Some(mut sender) = self.pop_idle() {
+                // `ready` resolves at once for a live idle connection and fails for a closed one.
+                if sender.ready().await.is_ok() {
+                    return Ok(Conn {
+                        sender: Sender::H1(sender),
+                        reused: true,
+                    });
+                }
+            }
+        }
+        self.connect().await
+    }
+
+    fn pop_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = lock(&self.idle);
+        let now = Instant::now();
+        while let Some(entry) = idle.pop() {
+            if now.saturating_duration_since(entry.since) > POOL_IDLE_TIMEOUT {
+                // The stack is ordered by age: everything below is older still.
+                idle.clear();
+                return None;
+            }
+            if !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() >= MAX_IDLE_PER_ENDPOINT {
+            return;
+        }
+        idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// Closes idle connections unused for longer than [`POOL_IDLE_TIMEOUT`] (called periodically).
+    pub fn reap(&self) {
+        let now = Instant::now();
+        lock(&self.idle).retain(|e| {
+            !e.sender.is_closed() && now.saturating_duration_since(e.since) <= POOL_IDLE_TIMEOUT
+        });
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Conn, ConnectError> {
+        let timeout = self.connect_timeout;
+        let io = tokio::time::timeout(timeout, self.open_stream())
+            .await
+            .map_err(|_| ConnectError::Timeout(timeout))??;
+        let open = Arc::clone(&self.open);
+        let sender = if self.http2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(ConnectError::Handshake)?;
+            spawn_connection(open, conn);
+            *lock(&self.shared_h2) = Some(sender.clone());
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(ConnectError::Handshake)?;
+            spawn_connection(open, conn.with_upgrades());
+            Sender::H1(sender)
+        };
+        Ok(Conn {
+            sender,
+            reused: false,
+        })
+    }
+
+    async fn open_stream(&self) -> Result<MaybeTls, ConnectError> {
+        let tcp = match self.authority.parse::<SocketAddr>() {
+            Ok(addr) => TcpStream::connect(addr).await.map_err(connect_error)?,
+            // A host name: resolve per new connection, try each address in turn.
+            Err(_) => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address resolved");
+                let mut stream = None;
+                for addr in tokio::net::lookup_host(self.authority.as_str())
+                    .await
+                    .map_err(ConnectError::Failed)?
+                {
+                    match TcpStream::connect(addr).await {
+                        Ok(s) => {
+                            stream = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                stream.ok_or_else(|| connect_error(last))?
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(MaybeTls::Plain(tcp)),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(ConnectError::Failed)?;
+                Ok(MaybeTls::Tls(Box::new(tls)))
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Sends `req`. On HTTP/1.1 the connection travels with the response (see [`PoolReturn`]).
+    pub async fn send(
+        self,
+        pool: &Arc<EndpointPool>,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<PoolReturn>), SendError> {
+        match self.sender {
+            Sender::H1(mut sender) => match sender.try_send_request(req).await {
+                Ok(resp) => Ok((
+                    resp,
+                    Some(PoolReturn {
+                        pool: Arc::clone(pool),
+                        sender,
+                    }),
+                )),
+                Err(mut err) => match err.take_message() {
+                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error())),
+                    None => Err(SendError::Failed(err.into_error())),
+                },
+            },
+            Sender::H2(mut sender) => match sender.try_send_request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(mut err) => match err.take_message() {
+                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error())),
+                    None => Err(SendError::Failed(err.into_error())),
+                },
+            },
+        }
+    }
+}
+
+fn spawn_connection<F>(open: Arc<AtomicUsize>, conn: F)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    open.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            tracing::debug!(%err, "upstream connection ended with an error");
+        }
+        open.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+fn connect_error(err: io::Error) -> ConnectError {
+    match err.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+        io::ErrorKind::TimedOut => ConnectError::Timeout(Duration::ZERO),
+        _ => ConnectError::Failed(err),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Pools and TLS configurations shared across snapshots.
+#[derive(Default)]
+pub struct PoolCache {
+    pools: Mutex<HashMap<(String, ConnSettings), Weak<EndpointPool>>>,
+    tls: Mutex<HashMap<Option<std::path::PathBuf>, Weak<ClientConfig>>>,
+}
+
+impl PoolCache {
+    /// The pool for `authority` with `settings`, reusing a live one (and its connections).
+    pub fn pool(
+        &self,
+        authority: &str,
+        settings: &ConnSettings,
+    ) -> Result<Arc<EndpointPool>, TlsError> {
+        let key = (authority.to_owned(), settings.clone());
+        if let Some(existing) = lock(&self.pools).get(&key).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let http2 = settings.protocol == UpstreamProtocol::H2;
+        let tls = match &settings.tls {
+            None => None,
+            Some(tls) => {
+                let base = self.tls_config(tls)?;
+                let mut config = (*base).clone();
+                config.alpn_protocols = vec![if http2 {
+                    b"h2".to_vec()
+                } else {
+                    b"http/1.1".to_vec()
+                }];
+                let name = ServerName::try_from(tls.server_name.clone()).map_err(|e| {
+                    TlsError::Rustls(rustls::Error::General(format!(
+                        "invalid server name {:?}: {e}",
+                        tls.server_name
+                    )))
+                })?;
+                Some((TlsConnector::from(Arc::new(config)), name))
+            }
+        };
+        let pool = Arc::new(EndpointPool {
+            authority: authority.to_owned(),
+            tls,
+            http2,
+            connect_timeout: settings.connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            shared_h2: Mutex::new(None),
+            open: Arc::new(AtomicUsize::new(0)),
+        });
+        let mut pools = lock(&self.pools);
+        pools.retain(|_, weak| weak.strong_count() > 0);
+        pools.insert(key, Arc::downgrade(&pool));
+        Ok(pool)
+    }
+
+    fn tls_config(&self, tls: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = tls.ca_file.clone();
+        if let Some(existing) = lock(&self.tls).get(&key).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let config = Arc::new(client_config(tls.ca_file.as_deref())?);
+        lock(&self.tls).insert(key, Arc::downgrade(&config));
+        Ok(config)
+    }
+}
+
+/// A plain or TLS upstream stream.
+enum MaybeTls {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for MaybeTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MaybeTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
