@@ -9,10 +9,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -26,8 +28,13 @@ pub struct ConnShared {
     started: AtomicU64,
     upgraded: AtomicBool,
     http2: AtomicBool,
-    /// Framing problems found in the raw head of request number `value >> 8` (flags in the low byte).
-    head_flags: AtomicU64,
+    /// Set once any request head on this connection had framing flags (keeps the common check lock-free).
+    any_head_flags: AtomicBool,
+    /// (request sequence number, flags) of flagged heads.
+    head_flags: Mutex<Vec<(u64, u8)>>,
+    /// The connection's reader, parked while a request was in progress: the last request to
+    /// finish wakes it so the idle clock starts even if the client sends nothing more.
+    idle_waker: AtomicWaker,
 }
 
 /// `Content-Length` and `Transfer-Encoding` both present (hyper silently drops the length).
@@ -45,12 +52,24 @@ impl ConnShared {
 
     /// Framing flags recorded for the request with sequence number `seq` (1-based), if any.
     pub fn head_flags(&self, seq: u64) -> u8 {
-        let packed = self.head_flags.load(Ordering::Acquire);
-        if packed >> 8 == seq {
-            (packed & 0xff) as u8
-        } else {
-            0
+        if !self.any_head_flags.load(Ordering::Acquire) {
+            return 0;
         }
+        self.head_flags
+            .lock()
+            .map(|flags| flags.iter().find(|(s, _)| *s == seq).map_or(0, |(_, f)| *f))
+            .unwrap_or(0)
+    }
+
+    fn record_head_flags(&self, seq: u64, flags: u8) {
+        if let Ok(mut all) = self.head_flags.lock() {
+            // A connection that keeps sending malformed heads is closed after the first 400;
+            // the bound only guards against a pathological pipeline.
+            if all.len() < 64 {
+                all.push((seq, flags));
+            }
+        }
+        self.any_head_flags.store(true, Ordering::Release);
     }
 
     /// Sequence number of the most recently started request.
@@ -75,7 +94,11 @@ pub struct ActiveRequest(Arc<ConnShared>);
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(waker) = self.0.idle_waker.take() {
+                waker.wake();
+            }
+        }
     }
 }
 
@@ -103,8 +126,7 @@ pin_project! {
         header: Duration,
         pending_408: &'static [u8],
         timed_out: bool,
-        head: Vec<u8>,
-        head_inspected: bool,
+        heads: HeadTracker,
     }
 }
 
@@ -121,8 +143,7 @@ impl<S> ConnIo<S> {
             header,
             pending_408: &[],
             timed_out: false,
-            head: Vec::new(),
-            head_inspected: false,
+            heads: HeadTracker::default(),
         }
     }
 }
@@ -151,6 +172,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
             *this.phase = Phase::Idle;
             *this.seen_started = started;
             this.timer.as_mut().reset(now + *this.idle);
+            this.heads.resync(started);
         }
         let before = buf.filled().len();
         let result = this.inner.as_mut().poll_read(cx, buf);
@@ -169,23 +191,24 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
                     }
                     *this.phase = Phase::ReadingHead;
                     this.timer.as_mut().reset(now + *this.header);
-                    this.head.clear();
-                    *this.head_inspected = false;
                 }
-                if *this.phase == Phase::ReadingHead && !*this.head_inspected {
-                    *this.head_inspected = inspect_head(
-                        this.head,
-                        &buf.filled()[before..],
-                        shared,
-                        *this.seen_started + 1,
-                    );
+                if !shared.http2.load(Ordering::Acquire) {
+                    this.heads.feed(&buf.filled()[before..], shared);
                 }
                 return result;
             }
             Poll::Ready(_) => return result,
             Poll::Pending => {}
         }
-        if *this.phase == Phase::Busy || this.timer.as_mut().poll(cx).is_pending() {
+        if *this.phase == Phase::Busy {
+            shared.idle_waker.register(cx.waker());
+            // The request may have finished between the check above and the registration.
+            if shared.active.load(Ordering::Acquire) == 0 {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+        if this.timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
         // A deadline passed with no request in progress.
@@ -244,59 +267,169 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for ConnIo<S> {
 /// Largest head prefix kept for inspection; hyper enforces the real header limit.
 const MAX_INSPECTED_HEAD: usize = 64 << 10;
 
-/// Looks at a raw HTTP/1 request head for framing that hyper normalises away before the
-/// request reaches the proxy, and records it against request number `seq`.
-/// Returns true once the head has been judged (complete, unparsable or too large).
-fn inspect_head(pending: &mut Vec<u8>, chunk: &[u8], shared: &ConnShared, seq: u64) -> bool {
-    // Fast path: the whole head arrived in one read (the common case), nothing is copied.
-    let bytes: &[u8] = if pending.is_empty() {
-        chunk
-    } else {
-        if pending.len() + chunk.len() > MAX_INSPECTED_HEAD {
-            pending.clear();
-            return true;
-        }
-        pending.extend_from_slice(chunk);
-        pending
-    };
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes) {
-        Ok(httparse::Status::Complete(_)) => {
-            let mut content_lengths = 0;
-            let mut transfer_encoding = false;
-            for h in request.headers.iter() {
-                if h.name.eq_ignore_ascii_case("content-length") {
-                    content_lengths += 1;
-                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                    transfer_encoding = true;
-                }
-            }
-            let mut flags = 0;
-            if content_lengths > 0 && transfer_encoding {
-                flags |= HEAD_CL_AND_TE;
-            }
-            if content_lengths > 1 {
-                flags |= HEAD_DUPLICATE_CL;
-            }
-            if flags != 0 {
-                shared
-                    .head_flags
-                    .store(seq << 8 | u64::from(flags), Ordering::Release);
-            }
-            pending.clear();
-            true
-        }
-        Ok(httparse::Status::Partial) => {
-            if pending.is_empty() {
-                pending.extend_from_slice(chunk);
-            }
-            false
-        }
-        // hyper rejects what httparse rejects; nothing to add.
-        Err(_) => {
-            pending.clear();
-            true
+/// Follows the HTTP/1 byte stream from the client (heads and `Content-Length` bodies) to find
+/// framing that hyper normalises away before a request reaches the proxy, and records it against
+/// the request's sequence number — pipelined requests included.
+///
+/// Chunked bodies are not decoded here (hyper does that); after one, tracking pauses until the
+/// connection is idle again and resumes in step with hyper's request count.
+#[derive(Debug, Default)]
+struct HeadTracker {
+    state: Track,
+    pending: Vec<u8>,
+    heads: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Track {
+    #[default]
+    Head,
+    Body(u64),
+    Lost,
+}
+
+impl HeadTracker {
+    /// Back in step after every request in flight finished.
+    fn resync(&mut self, requests_started: u64) {
+        if self.state == Track::Lost || self.heads != requests_started {
+            self.state = Track::Head;
+            self.pending.clear();
+            self.heads = requests_started;
         }
     }
+
+    fn feed(&mut self, mut bytes: &[u8], shared: &ConnShared) {
+        loop {
+            match self.state {
+                Track::Lost => return,
+                Track::Body(remaining) => {
+                    let take = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
+                    bytes = &bytes[take..];
+                    let left = remaining - take as u64;
+                    self.state = if left == 0 {
+                        Track::Head
+                    } else {
+                        Track::Body(left)
+                    };
+                    if left > 0 || bytes.is_empty() {
+                        return;
+                    }
+                }
+                Track::Head => {
+                    if self.pending.is_empty() {
+                        // Empty lines between pipelined requests are allowed (RFC 9112 §2.2).
+                        let skip = bytes
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
+                        bytes = &bytes[skip..];
+                        if bytes.is_empty() {
+                            return;
+                        }
+                    }
+                    // Fast path: the whole head is in this read, nothing is copied.
+                    let from_pending = !self.pending.is_empty();
+                    if from_pending {
+                        if self.pending.len() + bytes.len() > MAX_INSPECTED_HEAD {
+                            self.state = Track::Lost;
+                            return;
+                        }
+                        self.pending.extend_from_slice(bytes);
+                    }
+                    let data: &[u8] = if from_pending { &self.pending } else { bytes };
+                    match judge_head(data) {
+                        HeadVerdict::Partial => {
+                            if !from_pending {
+                                self.pending.extend_from_slice(bytes);
+                            }
+                            return;
+                        }
+                        HeadVerdict::Invalid => {
+                            self.state = Track::Lost;
+                            return;
+                        }
+                        HeadVerdict::Complete { len, flags, body } => {
+                            self.heads += 1;
+                            if flags != 0 {
+                                shared.record_head_flags(self.heads, flags);
+                            }
+                            self.state = match body {
+                                BodyFraming::None => Track::Head,
+                                BodyFraming::Length(n) => Track::Body(n),
+                                BodyFraming::Unknown => Track::Lost,
+                            };
+                            if from_pending {
+                                // Rare (a head split across reads): continue on the remainder.
+                                let rest = self.pending.split_off(len);
+                                self.pending.clear();
+                                return self.feed(&rest, shared);
+                            }
+                            bytes = &bytes[len..];
+                            if bytes.is_empty() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum BodyFraming {
+    None,
+    Length(u64),
+    Unknown,
+}
+
+enum HeadVerdict {
+    Partial,
+    Invalid,
+    Complete {
+        len: usize,
+        flags: u8,
+        body: BodyFraming,
+    },
+}
+
+fn judge_head(data: &[u8]) -> HeadVerdict {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(data) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return HeadVerdict::Partial,
+        // hyper rejects what httparse rejects; nothing to add.
+        Err(_) => return HeadVerdict::Invalid,
+    };
+    let mut content_lengths = 0;
+    let mut length = None;
+    let mut transfer_encoding = false;
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            content_lengths += 1;
+            length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = true;
+        }
+    }
+    let mut flags = 0;
+    if content_lengths > 0 && transfer_encoding {
+        flags |= HEAD_CL_AND_TE;
+    }
+    if content_lengths > 1 {
+        flags |= HEAD_DUPLICATE_CL;
+    }
+    let body = if transfer_encoding || (content_lengths > 0 && length.is_none()) {
+        BodyFraming::Unknown
+    } else {
+        match length {
+            Some(0) | None => BodyFraming::None,
+            Some(n) => BodyFraming::Length(n),
+        }
+    };
+    HeadVerdict::Complete { len, flags, body }
 }
