@@ -19,6 +19,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// The metric families.
 pub struct Metrics {
     registry: Registry,
+    /// (name, help, type) of every family, so empty ones are still declared in the exposition.
+    declared: Vec<(String, String, &'static str)>,
     /// Requests answered, by policy, backend (`none` when no endpoint was chosen) and status code.
     pub requests: IntCounterVec,
     /// Time from request arrival to response headers, by policy and backend.
@@ -174,6 +176,34 @@ impl Metrics {
                 g
             },
             registry,
+            declared: Vec::new(),
+        };
+        let mut declared = Vec::new();
+        {
+            use prometheus::core::Collector;
+            let families: [(&dyn Collector, &'static str); 12] = [
+                (&metrics.requests, "counter"),
+                (&metrics.request_duration, "histogram"),
+                (&metrics.upstream_duration, "histogram"),
+                (&metrics.errors, "counter"),
+                (&metrics.backend_health, "gauge"),
+                (&metrics.circuit_breaker_state, "gauge"),
+                (&metrics.rate_limit_rejected, "counter"),
+                (&metrics.active_connections, "gauge"),
+                (&metrics.connections, "counter"),
+                (&metrics.connections_rejected, "counter"),
+                (&metrics.websocket_sessions_active, "gauge"),
+                (&metrics.websocket_sessions, "counter"),
+            ];
+            for (collector, kind) in families {
+                for desc in collector.desc() {
+                    declared.push((desc.fq_name.clone(), desc.help.clone(), kind));
+                }
+            }
+        }
+        let metrics = Metrics {
+            declared,
+            ..metrics
         };
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -196,7 +226,15 @@ impl Metrics {
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(%err, "encoding metrics");
         }
-        String::from_utf8(buf).unwrap_or_default()
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        // The client library omits families without series; declare them anyway so dashboards
+        // and alerts can rely on every family existing from the start.
+        for (name, help, kind) in &self.declared {
+            if !text.contains(&format!("# TYPE {name} ")) {
+                text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            }
+        }
+        text
     }
 
     /// The registry, for callers that add families of their own.
@@ -213,13 +251,28 @@ pub struct BackendMetrics {
     by_code: Box<[OnceLock<IntCounter>]>,
     /// Request duration for this backend.
     pub request_duration: Histogram,
-    /// Upstream attempt duration for this backend.
-    pub upstream_duration: Histogram,
+    /// Upstream attempt duration for this backend (`None` for the `none` pseudo-backend).
+    pub upstream_duration: Option<Histogram>,
 }
 
 impl BackendMetrics {
     /// Resolves the handles for `policy` / `backend`.
     pub fn new(metrics: &Metrics, policy: &str, backend: &str) -> Self {
+        let mut resolved = Self::unrouted_with(metrics, policy, backend);
+        resolved.upstream_duration = Some(
+            metrics
+                .upstream_duration
+                .with_label_values(&[policy, backend]),
+        );
+        resolved
+    }
+
+    /// Handles for requests that never reached a backend (`backend="none"`).
+    pub fn unrouted(metrics: &Metrics, policy: &str) -> Self {
+        Self::unrouted_with(metrics, policy, "none")
+    }
+
+    fn unrouted_with(metrics: &Metrics, policy: &str, backend: &str) -> Self {
         Self {
             policy: policy.to_owned(),
             backend: backend.to_owned(),
@@ -228,9 +281,7 @@ impl BackendMetrics {
             request_duration: metrics
                 .request_duration
                 .with_label_values(&[policy, backend]),
-            upstream_duration: metrics
-                .upstream_duration
-                .with_label_values(&[policy, backend]),
+            upstream_duration: None,
         }
     }
 
