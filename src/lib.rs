@@ -12,4 +12,5 @@ pub mod demo;
 pub mod endpoint;
 pub mod metrics;
 pub mod proxy;
+pub mod resilience;
 pub mod snapshot;
