@@ -1,5 +1,7 @@
 //! The simplest end-to-end path: a client, the proxy from a real policy file, a backend.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use support::{Backend, TestProxy, get, policy};
@@ -14,7 +16,9 @@ async fn forwards_a_get_and_reports_it() {
     assert_eq!(backend.hits(), 1);
     let metrics = get(&proxy.admin_url("/metrics")).await.text();
     assert!(
-        metrics.contains("proxy_requests_total{backend=\"app\",code=\"200\",policy=\"default/smoke\"} 1"),
+        metrics.contains(
+            "proxy_requests_total{backend=\"app\",code=\"200\",policy=\"default/smoke\"} 1"
+        ),
         "metrics should count the request:\n{metrics}"
     );
 }

@@ -1,5 +1,7 @@
 //! Listener TLS, TLS and HTTP/2 upstreams, and DNS-resolved backends, over real sockets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,7 @@
 //! WebSocket proxying with real tokio-tungstenite peers on both sides.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! Shared test fixtures: real loopback backends, a real proxy started from a real policy file,
 //! and real HTTP clients. Every server binds port 0 first, then serves (no readiness sleeps).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -44,7 +44,13 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend answering with `handler`.
     pub async fn start(handler: Handler) -> Backend {
-        Self::start_on(TcpListener::bind("127.0.0.1:0").await.expect("bind backend"), handler).await
+        Self::start_on(
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind backend"),
+            handler,
+        )
+        .await
     }
 
     /// Starts a backend on an already bound listener (to restart on a known port).
@@ -55,7 +61,9 @@ impl Backend {
         let (hits2, seen2) = (Arc::clone(&hits), Arc::clone(&seen));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let handler = Arc::clone(&handler);
                 let hits = Arc::clone(&hits2);
                 let seen = Arc::clone(&seen2);
@@ -72,7 +80,12 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, hits, seen, task }
+        Backend {
+            addr,
+            hits,
+            seen,
+            task,
+        }
     }
 
     /// A backend that answers `200` with `body`.
@@ -98,7 +111,12 @@ impl Backend {
 
     /// Headers of the most recent request.
     pub fn last_headers(&self) -> HeaderMap {
-        self.seen.lock().unwrap().last().cloned().expect("backend saw no request")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("backend saw no request")
     }
 
     /// Stops accepting (open connections end when their tasks notice).
@@ -165,7 +183,9 @@ impl TestProxy {
 
     /// The traffic address of policy `name`.
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.proxy().listener_addr(name).expect("policy listener bound")
+        self.proxy()
+            .listener_addr(name)
+            .expect("policy listener bound")
     }
 
     /// `http://<listener of name><path>`.
@@ -186,7 +206,9 @@ pub fn policy(name: &str, backends: &[(&str, SocketAddr)], extra: &str) -> Strin
         "apiVersion: breakwater.io/v1alpha1\nkind: ResiliencePolicy\nmetadata:\n  name: {name}\nspec:\n  listener: {{port: 0, address: 127.0.0.1}}\n  backends:\n"
     );
     for (backend, addr) in backends {
-        yaml.push_str(&format!("    - {{name: {backend}, url: \"http://{addr}\"}}\n"));
+        yaml.push_str(&format!(
+            "    - {{name: {backend}, url: \"http://{addr}\"}}\n"
+        ));
     }
     yaml.push_str(extra);
     yaml
@@ -199,7 +221,9 @@ pub fn http1_client() -> Client<HttpConnector, Full<Bytes>> {
 
 /// An HTTP/2 prior-knowledge (h2c) client.
 pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 /// A finished response: status, headers and the whole body.
@@ -221,16 +245,37 @@ impl Answer {
 
 /// GETs `url` with a fresh HTTP/1.1 client.
 pub async fn get(url: &str) -> Answer {
-    send(&http1_client(), Request::get(url).body(Full::new(Bytes::new())).expect("request")).await
+    send(
+        &http1_client(),
+        Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await
 }
 
 /// Sends `req` and collects the answer.
-pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> Answer {
-    let resp = client.request(req).await.expect("request should get a response");
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Answer {
+    let resp = client
+        .request(req)
+        .await
+        .expect("request should get a response");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("response body").to_bytes();
-    Answer { status, headers, body }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("response body")
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// Polls `check` every 20 ms until it holds or `timeout` passes; returns whether it held.
@@ -259,4 +304,56 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -
     let mut out = Vec::new();
     let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A loopback port that was free a moment ago: bind port 0, note the port, release it. For the
+/// few places (a policy file, a CLI flag) that must name a port before the proxy binds it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind an ephemeral port")
+}
+
+/// The value of the sample `series` (name plus labels exactly as rendered, e.g.
+/// `config_reload_failures_total` or `up{job="x"}`) in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Reads one HTTP/1 response (head plus a `Content-Length` body, none if absent) from `stream`
+/// and returns it as text. Panics if the stream ends or `timeout` passes first. Bytes after the
+/// response, if any arrived in the same reads, are included.
+pub async fn read_response(stream: &mut tokio::net::TcpStream, timeout: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let body_len = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if buf.len() >= head_end + 4 + body_len {
+                    return String::from_utf8_lossy(&buf).into_owned();
+                }
+            }
+            let n = stream.read(&mut chunk).await.expect("read response");
+            assert!(
+                n > 0,
+                "connection closed before a complete response: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .expect("a complete response should arrive in time")
 }
