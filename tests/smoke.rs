@@ -22,3 +22,30 @@ async fn forwards_a_get_and_reports_it() {
         "metrics should count the request:\n{metrics}"
     );
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let backend = Backend::text("pooled").await;
+    let proxy = TestProxy::start(&policy("reuse", &[("app", backend.addr)], "")).await;
+    let client = support::http1_client();
+    for _ in 0..20 {
+        let answer = support::send(
+            &client,
+            http::Request::get(proxy.url("reuse", "/"))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.text(), "pooled");
+    }
+    // Bodies of known length end with their last data frame; the connection must still go
+    // back to the pool rather than being closed after each response.
+    let opened = backend
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(backend.hits(), 20);
+    assert_eq!(
+        opened, 1,
+        "20 sequential requests should share one upstream connection"
+    );
+}

@@ -240,10 +240,19 @@ impl Body for ResponseBody {
                 idle,
                 last_progress,
             } => {
-                match inner.poll_frame(cx) {
+                let mut inner = inner;
+                match inner.as_mut().poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         // Cheap progress stamp; the timer is only re-armed when it fires.
                         *last_progress = Instant::now();
+                        // hyper stops polling once `is_end_stream` says so: a body of known
+                        // length ends with its last data frame, not with a final `None`.
+                        if inner.is_end_stream() {
+                            this.endpoint_guard.take();
+                            if let Some(ret) = this.pool_return.take() {
+                                ret.release();
+                            }
+                        }
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     Poll::Ready(Some(Err(err))) => {

@@ -38,6 +38,8 @@ pub struct Backend {
     pub hits: Arc<AtomicUsize>,
     /// Headers of every request received, in order.
     pub seen: Arc<Mutex<Vec<HeaderMap>>>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -58,12 +60,18 @@ impl Backend {
         let addr = listener.local_addr().expect("backend addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (hits2, seen2) = (Arc::clone(&hits), Arc::clone(&seen));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (hits2, seen2, connections2) = (
+            Arc::clone(&hits),
+            Arc::clone(&seen),
+            Arc::clone(&connections),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                connections2.fetch_add(1, Ordering::SeqCst);
                 let handler = Arc::clone(&handler);
                 let hits = Arc::clone(&hits2);
                 let seen = Arc::clone(&seen2);
@@ -84,6 +92,7 @@ impl Backend {
             addr,
             hits,
             seen,
+            connections,
             task,
         }
     }
