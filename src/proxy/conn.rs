@@ -162,7 +162,6 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
         if shared.upgraded.load(Ordering::Acquire) {
             return this.inner.poll_read(cx, buf);
         }
-        let now = Instant::now();
         let started = shared.started.load(Ordering::Acquire);
         if shared.active.load(Ordering::Acquire) > 0 {
             *this.phase = Phase::Busy;
@@ -171,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
             // The last request finished: the keep-alive idle clock starts now.
             *this.phase = Phase::Idle;
             *this.seen_started = started;
-            this.timer.as_mut().reset(now + *this.idle);
+            this.timer.as_mut().reset(Instant::now() + *this.idle);
             this.heads.resync(started);
         }
         let before = buf.filled().len();
@@ -190,7 +189,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
                         return result;
                     }
                     *this.phase = Phase::ReadingHead;
-                    this.timer.as_mut().reset(now + *this.header);
+                    this.timer.as_mut().reset(Instant::now() + *this.header);
                 }
                 if !shared.http2.load(Ordering::Acquire) {
                     this.heads.feed(&buf.filled()[before..], shared);

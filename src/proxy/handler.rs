@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
 use super::conn::{ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL};
 use super::error::ProxyError;
-use super::headers::{self, ClientSide};
+use super::headers::{self, ClientSide, PeerHeaders};
 use super::pool::{ConnectError, PoolReturn, SendError};
 use super::websocket;
 use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
@@ -43,8 +43,8 @@ pub struct ConnContext {
     pub peer: SocketAddr,
     /// The listener address as configured (the snapshot key).
     pub listener: SocketAddr,
-    /// The port the client connected to.
-    pub local_port: u16,
+    /// Forwarding-header values for this peer, prepared once.
+    pub peer_headers: PeerHeaders,
     /// Whether the connection is TLS.
     pub tls: bool,
     /// Shared with the connection's I/O wrapper.
@@ -76,8 +76,9 @@ pub async fn handle(
             .to_response()
             .map(|b| b.with_active(active));
     };
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // The access log needs the request line after the request is gone; copy it only when logged.
+    let logged = tracing::enabled!(target: "breakwater::access", tracing::Level::INFO)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let (response, outcome) = forward(&state, &policy, &conn, req, seq).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
@@ -95,18 +96,20 @@ pub async fn handle(
             .with_label_values(&[policy.label.as_str(), error.cause()])
             .inc();
     }
-    tracing::info!(
-        target: "breakwater::access",
-        policy = %policy.label,
-        client = %conn.peer,
-        method = %method,
-        path = %path,
-        status,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        endpoint = outcome.endpoint.map_or("-", |e| e.authority.as_str()),
-        attempts = outcome.attempts,
-        error = outcome.error.as_ref().map_or("-", ProxyError::cause),
-    );
+    if let Some((method, path)) = logged {
+        tracing::info!(
+            target: "breakwater::access",
+            policy = %policy.label,
+            client = %conn.peer,
+            method = %method,
+            path = %path,
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            endpoint = outcome.endpoint.map_or("-", |e| e.authority.as_str()),
+            attempts = outcome.attempts,
+            error = outcome.error.as_ref().map_or("-", ProxyError::cause),
+        );
+    }
     response.map(|b| b.with_active(active))
 }
 
@@ -187,8 +190,7 @@ async fn forward<'p>(
         Version::HTTP_11
     };
     let client_side = ClientSide {
-        peer: conn.peer,
-        local_port: conn.local_port,
+        peer: &conn.peer_headers,
         tls: conn.tls,
         forwarding: &config.forwarding,
     };

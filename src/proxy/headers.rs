@@ -34,14 +34,44 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// What the proxy knows about the client side of a request.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientSide<'a> {
-    /// The TCP peer.
-    pub peer: SocketAddr,
-    /// The listener port the request arrived on.
-    pub local_port: u16,
+    /// The connection's peer, with its header values prepared once per connection.
+    pub peer: &'a PeerHeaders,
     /// Whether the client connection is TLS.
     pub tls: bool,
     /// Trust and removal settings.
     pub forwarding: &'a Forwarding,
+}
+
+/// Forwarding-header values that depend only on the client connection, built once per
+/// connection so requests clone them instead of formatting and allocating.
+#[derive(Clone, Debug)]
+pub struct PeerHeaders {
+    /// The peer address (IPv4-mapped IPv6 shown as IPv4).
+    pub ip: IpAddr,
+    /// The peer address as a header value (`X-Forwarded-For` from an untrusted peer).
+    ip_value: HeaderValue,
+    /// The listener port as a header value (`X-Forwarded-Port`).
+    port_value: HeaderValue,
+    /// `for=<ip>` as RFC 7239 writes it.
+    forwarded_for: String,
+}
+
+impl PeerHeaders {
+    /// Prepares the values for a connection from `peer` to local port `local_port`.
+    pub fn new(peer: SocketAddr, local_port: u16) -> Self {
+        let ip = canonical_ip(peer.ip());
+        let forwarded_for = match ip {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        Self {
+            ip,
+            ip_value: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            port_value: HeaderValue::from(local_port),
+            forwarded_for,
+        }
+    }
 }
 
 /// Checks the request head and returns the authority the request is for.
@@ -145,55 +175,64 @@ pub fn prepare_request(
         headers.remove(name);
     }
     if let Some(authority) = authority {
-        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-            headers.insert(header::HOST, value);
+        let unchanged = headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes() == authority.as_str().as_bytes());
+        if !unchanged {
+            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                headers.insert(header::HOST, value);
+            }
         }
     }
-    let peer_ip = canonical_ip(client.peer.ip());
+    let peer = client.peer;
     let trusted = client
         .forwarding
         .trusted_proxies
         .iter()
-        .any(|net| net.contains(&peer_ip));
+        .any(|net| net.contains(&peer.ip));
     let proto = if client.tls { "https" } else { "http" };
 
     // X-Forwarded-For: a trusted proxy's chain is extended; anyone else's claim is discarded.
-    let mut xff = String::with_capacity(48);
+    let mut chain = None::<String>;
     if trusted {
         for value in headers.get_all(&X_FORWARDED_FOR) {
             if let Ok(text) = value.to_str() {
-                if !xff.is_empty() {
-                    xff.push_str(", ");
-                }
-                xff.push_str(text.trim());
+                let chain = chain.get_or_insert_with(|| String::with_capacity(64));
+                chain.push_str(text.trim());
+                chain.push_str(", ");
             }
         }
-        if !xff.is_empty() {
-            xff.push_str(", ");
+    }
+    match chain {
+        Some(mut chain) => {
+            let _ = write!(chain, "{}", peer.ip);
+            set(headers, &X_FORWARDED_FOR, chain);
+        }
+        None => {
+            headers.insert(&X_FORWARDED_FOR, peer.ip_value.clone());
         }
     }
-    let _ = write!(xff, "{peer_ip}");
-    set(headers, &X_FORWARDED_FOR, &xff);
 
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            Some(host) => {
+        // `Host` was set from the authority above: reuse its value instead of copying again.
+        match headers.get(header::HOST).cloned() {
+            Some(host) if authority.is_some() => {
                 headers.insert(&X_FORWARDED_HOST, host);
             }
-            None => {
+            _ => {
                 headers.remove(&X_FORWARDED_HOST);
             }
         }
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_PORT)) {
-        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(client.local_port));
+        headers.insert(&X_FORWARDED_PORT, peer.port_value.clone());
     }
 
     // RFC 7239: append our hop to a trusted chain, otherwise start a new one.
-    let mut forwarded = String::with_capacity(64);
+    let mut forwarded = String::with_capacity(96);
     if trusted {
         for value in headers.get_all(&FORWARDED) {
             if let Ok(text) = value.to_str() {
@@ -202,19 +241,14 @@ pub fn prepare_request(
             }
         }
     }
-    match peer_ip {
-        IpAddr::V4(ip) => {
-            let _ = write!(forwarded, "for={ip}");
-        }
-        IpAddr::V6(ip) => {
-            let _ = write!(forwarded, "for=\"[{ip}]\"");
-        }
-    }
+    forwarded.push_str(&peer.forwarded_for);
     if let Some(authority) = authority {
-        let _ = write!(forwarded, ";host={}", forwarded_value(authority.as_str()));
+        forwarded.push_str(";host=");
+        push_forwarded_value(&mut forwarded, authority.as_str());
     }
-    let _ = write!(forwarded, ";proto={proto}");
-    set(headers, &FORWARDED, &forwarded);
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
+    set(headers, &FORWARDED, forwarded);
 
     append_via(headers, version);
 }
@@ -251,8 +285,9 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
     headers.append(header::VIA, HeaderValue::from_static(hop));
 }
 
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
+/// Sets `name` to `value` without copying it (or removes the header if the value is invalid).
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         Ok(v) => {
             headers.insert(name, v);
         }
@@ -262,17 +297,24 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
     }
 }
 
-/// Quotes a `Forwarded` parameter value when it is not a plain token (RFC 7239 §4).
-fn forwarded_value(value: &str) -> String {
+/// Appends a `Forwarded` parameter value, quoted when it is not a plain token (RFC 7239 §4).
+fn push_forwarded_value(out: &mut String, value: &str) {
     let is_token = !value.is_empty()
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if is_token {
-        value.to_owned()
-    } else {
-        format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+        out.push_str(value);
+        return;
     }
+    out.push('"');
+    for c in value.chars() {
+        if c == '\\' || c == '"' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// IPv4-mapped IPv6 peers (dual-stack sockets) are reported as the IPv4 address they are.
@@ -298,13 +340,16 @@ mod tests {
         }
     }
 
-    fn client<'a>(peer: &str, fwd: &'a Forwarding) -> ClientSide<'a> {
+    fn client<'a>(peer: &'a PeerHeaders, fwd: &'a Forwarding) -> ClientSide<'a> {
         ClientSide {
-            peer: peer.parse().unwrap(),
-            local_port: 8080,
+            peer,
             tls: false,
             forwarding: fwd,
         }
+    }
+
+    fn peer(addr: &str) -> PeerHeaders {
+        PeerHeaders::new(addr.parse().unwrap(), 8080)
     }
 
     #[test]
@@ -319,7 +364,7 @@ mod tests {
             &mut h,
             Version::HTTP_11,
             Some(&authority),
-            &client("192.0.2.7:5555", &fwd),
+            &client(&peer("192.0.2.7:5555"), &fwd),
             false,
         );
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
@@ -344,7 +389,7 @@ mod tests {
             &mut h,
             Version::HTTP_2,
             None,
-            &client("10.1.2.3:4000", &fwd),
+            &client(&peer("10.1.2.3:4000"), &fwd),
             false,
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
@@ -361,7 +406,7 @@ mod tests {
             &mut h,
             Version::HTTP_11,
             None,
-            &client("[2001:db8::1]:443", &fwd),
+            &client(&peer("[2001:db8::1]:443"), &fwd),
             false,
         );
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");

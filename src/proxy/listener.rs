@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{ConnIo, ConnShared};
 use super::handler::{ConnContext, ProxyState, handle};
+use super::headers::PeerHeaders;
 use crate::snapshot::{PolicyRuntime, Snapshot};
 
 /// Kernel accept queue length.
@@ -204,7 +205,7 @@ async fn serve_connection(
         Arc::new(ConnContext {
             peer,
             listener: configured,
-            local_port,
+            peer_headers: PeerHeaders::new(peer, local_port),
             tls,
             shared: Arc::clone(&shared),
         })
