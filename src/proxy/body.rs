@@ -159,8 +159,8 @@ pin_project! {
         Upstream {
             #[pin]
             inner: Incoming,
-            #[pin]
-            idle_timer: Sleep,
+            // Created only once the body actually has to wait: most responses never do.
+            idle_timer: Option<Pin<Box<Sleep>>>,
             idle: Duration,
             last_progress: Instant,
         },
@@ -194,7 +194,6 @@ impl ResponseBody {
         endpoint_guard: InFlightGuard,
         pool_return: Option<PoolReturn>,
     ) -> Self {
-        let now = Instant::now();
         // A response without a body may never be polled: release its connection now.
         let pool_return = match pool_return {
             Some(ret) if inner.is_end_stream() => {
@@ -206,9 +205,9 @@ impl ResponseBody {
         Self {
             kind: Kind::Upstream {
                 inner,
-                idle_timer: tokio::time::sleep_until(now + idle),
+                idle_timer: None,
                 idle,
-                last_progress: now,
+                last_progress: Instant::now(),
             },
             endpoint_guard: Some(endpoint_guard),
             active: None,
@@ -236,15 +235,17 @@ impl Body for ResponseBody {
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Upstream {
                 inner,
-                mut idle_timer,
+                idle_timer,
                 idle,
                 last_progress,
             } => {
                 let mut inner = inner;
                 match inner.as_mut().poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
-                        // Cheap progress stamp; the timer is only re-armed when it fires.
-                        *last_progress = Instant::now();
+                        // Progress only matters while a timer exists; it is re-armed when it fires.
+                        if idle_timer.is_some() {
+                            *last_progress = Instant::now();
+                        }
                         // hyper stops polling once `is_end_stream` says so: a body of known
                         // length ends with its last data frame, not with a final `None`.
                         if inner.is_end_stream() {
@@ -267,13 +268,17 @@ impl Body for ResponseBody {
                     }
                     Poll::Pending => {}
                 }
+                let timer = idle_timer.get_or_insert_with(|| {
+                    *last_progress = Instant::now();
+                    Box::pin(tokio::time::sleep_until(*last_progress + *idle))
+                });
                 loop {
-                    ready!(idle_timer.as_mut().poll(cx));
+                    ready!(timer.as_mut().poll(cx));
                     let deadline = *last_progress + *idle;
                     if deadline <= Instant::now() {
                         return Poll::Ready(Some(Err(ResponseBodyError::Idle)));
                     }
-                    idle_timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(deadline);
                 }
             }
         }

@@ -377,6 +377,35 @@ impl HeadTracker {
     }
 }
 
+/// Fast path for the common head: complete, and naming neither `Content-Length` nor
+/// `Transfer-Encoding` (so no body and nothing to flag). `None` sends the head to the full parser.
+fn judge_simple_head(data: &[u8]) -> Option<HeadVerdict> {
+    let mut line_start = 0;
+    let mut first_line = true;
+    while let Some(offset) = data[line_start..].iter().position(|b| *b == b'\n') {
+        let line = &data[line_start..line_start + offset];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line_start += offset + 1;
+        if line.is_empty() {
+            return (!first_line).then_some(HeadVerdict::Complete {
+                len: line_start,
+                flags: 0,
+                body: BodyFraming::None,
+            });
+        }
+        if !first_line {
+            let starts = |name: &[u8]| {
+                line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name)
+            };
+            if starts(b"content-length") || starts(b"transfer-encoding") {
+                return None;
+            }
+        }
+        first_line = false;
+    }
+    None
+}
+
 enum BodyFraming {
     None,
     Length(u64),
@@ -394,6 +423,9 @@ enum HeadVerdict {
 }
 
 fn judge_head(data: &[u8]) -> HeadVerdict {
+    if let Some(verdict) = judge_simple_head(data) {
+        return verdict;
+    }
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(data) {
@@ -431,4 +463,41 @@ fn judge_head(data: &[u8]) -> HeadVerdict {
         }
     };
     HeadVerdict::Complete { len, flags, body }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn judged(head: &[u8]) -> (usize, u8, Option<u64>) {
+        match judge_head(head) {
+            HeadVerdict::Complete { len, flags, body } => (
+                len,
+                flags,
+                match body {
+                    BodyFraming::None => Some(0),
+                    BodyFraming::Length(n) => Some(n),
+                    BodyFraming::Unknown => None,
+                },
+            ),
+            HeadVerdict::Partial => panic!("partial"),
+            HeadVerdict::Invalid => panic!("invalid"),
+        }
+    }
+
+    #[test]
+    fn simple_and_full_parsers_agree_on_framing() {
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nNEXT";
+        assert_eq!(judged(get), (get.len() - 4, 0, Some(0)));
+        let post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(judged(post), (post.len() - 5, 0, Some(5)));
+        let both = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(judged(both), (both.len(), HEAD_CL_AND_TE, None));
+        let dup = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nCONTENT-LENGTH: 1\r\n\r\nx";
+        assert_eq!(judged(dup).1, HEAD_DUPLICATE_CL);
+        assert!(matches!(
+            judge_head(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            HeadVerdict::Partial
+        ));
+    }
 }
