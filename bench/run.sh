@@ -12,6 +12,8 @@
 #   ONLY_NGINX=1    skip breakwater entirely (build, start, measure)
 #   BASELINE=1      also measure the backend directly (no proxy), as a reference row
 #   NO_INSTALL=1    never run apt-get; fail if nginx/wrk are missing
+#   PIN=0           do not pin CPUs (default on 2+ CPUs: proxies on the last CPU, backend and
+#                   wrk on the others, so the proxy under test never competes for its core)
 set -euo pipefail
 
 DURATION="${DURATION:-10}"
@@ -22,6 +24,14 @@ ONLY_NGINX="${ONLY_NGINX:-0}"
 NO_INSTALL="${NO_INSTALL:-0}"
 BASELINE="${BASELINE:-0}"
 WRK_THREADS=1
+PIN="${PIN:-1}"
+PIN_PROXY=()
+PIN_LOAD=()
+if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
+    LAST_CPU=$(($(nproc) - 1))
+    PIN_PROXY=(taskset -c "$LAST_CPU")
+    PIN_LOAD=(taskset -c "0-$((LAST_CPU - 1))")
+fi
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -202,12 +212,13 @@ nginx_http_common() { # $1 = dir
 EOF
 }
 
-start_nginx() { # $1 = name, $2 = conf file; sets LAST_PID
-    local dir
-    dir="$(dirname "$2")"
-    "$NGINX" -t -q -p "$dir" -e "$dir/error.log" -c "$2" >"$dir/test.log" 2>&1 ||
-        { cat "$dir/test.log" >&2; die "nginx config for $1 is invalid"; }
-    "$NGINX" -p "$dir" -e "$dir/error.log" -c "$2" >"$dir/stdout.log" 2>&1 &
+start_nginx() { # $1 = name, $2 = conf file, $3.. = CPU pinning prefix; sets LAST_PID
+    local dir name="$1" conf="$2"
+    shift 2
+    dir="$(dirname "$conf")"
+    "$NGINX" -t -q -p "$dir" -e "$dir/error.log" -c "$conf" >"$dir/test.log" 2>&1 ||
+        { cat "$dir/test.log" >&2; die "nginx config for $name is invalid"; }
+    "$@" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$conf" >"$dir/stdout.log" 2>&1 &
     LAST_PID=$!
     STARTED_PIDS+=("$LAST_PID")
 }
@@ -232,7 +243,7 @@ mkdir -p "$B/tmp"
 }
 EOF
 } >"$B/nginx.conf"
-start_nginx backend "$B/nginx.conf"
+start_nginx backend "$B/nginx.conf" "${PIN_LOAD[@]}"
 BACKEND_PID=$LAST_PID
 wait_http "http://127.0.0.1:$BACKEND_PORT/" 10 "$BACKEND_PID" ||
     { cat "$B/error.log" >&2 2>/dev/null || true; die "backend nginx did not become ready"; }
@@ -263,7 +274,7 @@ mkdir -p "$P/tmp"
 }
 EOF
 } >"$P/nginx.conf"
-start_nginx nginx-proxy "$P/nginx.conf"
+start_nginx nginx-proxy "$P/nginx.conf" "${PIN_PROXY[@]}"
 NGINX_PID=$LAST_PID
 wait_http "http://127.0.0.1:$NGINX_PORT/" 10 "$NGINX_PID" ||
     { cat "$P/error.log" >&2 2>/dev/null || true; die "nginx peer proxy did not become ready"; }
@@ -309,7 +320,7 @@ spec:
   backends:
     - {name: app, url: "http://127.0.0.1:$BACKEND_PORT"}
 EOF
-    RUST_LOG=warn "$BIN" run --config "$TMP/bw.yaml" --admin-addr "127.0.0.1:$ADMIN_PORT" --workers 1 \
+    RUST_LOG=warn "${PIN_PROXY[@]}" "$BIN" run --config "$TMP/bw.yaml" --admin-addr "127.0.0.1:$ADMIN_PORT" --workers 1 \
         >"$TMP/bw.log" 2>&1 &
     BW_PID=$!
     STARTED_PIDS+=("$BW_PID")
@@ -341,7 +352,7 @@ RAW="$TMP/rounds.tsv"
 
 run_wrk() { # $1 = port, $2 = duration, $3 = output file
     timeout --kill-after=5 "$WRK_TIMEOUT" \
-        wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$2"s --latency "http://127.0.0.1:$1/" >"$3" 2>&1 ||
+        "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$2"s --latency "http://127.0.0.1:$1/" >"$3" 2>&1 ||
         { cat "$3" >&2; die "wrk failed against port $1"; }
 }
 
@@ -392,7 +403,8 @@ host: $(nproc) CPUs, $(uname -sr); $NGINX_VERSION; $WRK_VERSION
 breakwater: $BW_VERSION
 load: wrk -t$WRK_THREADS -c$CONNECTIONS -d${DURATION}s --latency, ${ROUNDS} interleaved round(s), warm-up ${WARMUP}s
 backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64) vs breakwater --workers 1
-CPU: utime+stime from /proc (process + child processes), CLK_TCK=$CLK_TCK"
+CPU: utime+stime from /proc (process + child processes), CLK_TCK=$CLK_TCK
+pinning: ${PIN_PROXY[*]:-none} for the proxies, ${PIN_LOAD[*]:-none} for backend and wrk"
 
 REPORT="$(python3 - "$RAW" "$CLK_TCK" <<'PY'
 import re, statistics, sys
