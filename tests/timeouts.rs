@@ -345,3 +345,57 @@ async fn connection_that_never_sends_is_closed_quietly_after_idle() {
     assert_eq!(backend.hits(), 0, "nothing should reach the backend");
     eprintln!("idle 300ms on a silent new connection: closed after {elapsed:?}");
 }
+
+/// A raw backend that sends response headers and half the body, then stalls with the socket open.
+async fn stalling_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf!")
+                .await;
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_response_body_that_stalls_is_aborted_at_the_idle_timeout() {
+    let (backend, _task) = stalling_backend().await;
+    let proxy = TestProxy::start(&policy(
+        "stall",
+        &[("app", backend)],
+        &timeouts("idle: 300ms, request: 5s"),
+    ))
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr("stall"))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(WAIT, stream.read_to_end(&mut got)).await;
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        ended.is_ok(),
+        "the proxy must not hold a stalled body open forever"
+    );
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "headers were already sent: {text}"
+    );
+    assert!(
+        text.ends_with("half!"),
+        "the client must see a short body (never padded or completed): {text:?}"
+    );
+    assert_near(elapsed, Duration::from_millis(300), "stalled body abort");
+}

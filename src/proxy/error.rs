@@ -11,6 +11,9 @@ use crate::config::units::format_duration;
 /// Response header naming the cause of an error the proxy generated itself.
 pub const ERROR_HEADER: &str = "x-breakwater-error";
 
+/// Longest request target forwarded (as Envoy and nginx default to about this much).
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
 /// A failure the proxy answers on behalf of the backend (or the client's own fault).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
@@ -44,6 +47,9 @@ pub enum ProxyError {
     /// The request body exceeded `limits.maxRequestBodyBytes`.
     #[error("request body larger than limits.maxRequestBodyBytes ({0} bytes)")]
     BodyTooLarge(u64),
+    /// The request target is longer than [`MAX_URI_BYTES`].
+    #[error("request target longer than {MAX_URI_BYTES} bytes")]
+    UriTooLong,
     /// The request head is not acceptable for forwarding.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -70,6 +76,7 @@ impl ProxyError {
             | ProxyError::UpgradeFailed(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ClientBody | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
         }
     }
 
@@ -86,6 +93,7 @@ impl ProxyError {
             ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::ClientBody => "client_body",
             ProxyError::BodyTooLarge(_) => "body_too_large",
+            ProxyError::UriTooLong => "uri_too_long",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::UpgradeFailed(_) => "upgrade_failed",
             ProxyError::Draining => "draining",
@@ -121,7 +129,10 @@ impl ProxyError {
         }
         if matches!(
             self,
-            ProxyError::ClientBody | ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_)
+            ProxyError::ClientBody
+                | ProxyError::BadRequest(_)
+                | ProxyError::BodyTooLarge(_)
+                | ProxyError::UriTooLong
         ) {
             // The rest of the request stream is unreliable; never reuse the connection.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

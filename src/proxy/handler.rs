@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
 use super::conn::{ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL};
-use super::error::ProxyError;
+use super::error::{MAX_URI_BYTES, ProxyError};
 use super::headers::{self, ClientSide, PeerHeaders};
 use super::pool::{ConnectError, PoolReturn, SendError};
 use super::websocket;
@@ -145,6 +145,9 @@ async fn forward<'p>(
             None,
             0,
         );
+    }
+    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
+        return fail(ProxyError::UriTooLong, None, 0);
     }
     let authority = match headers::request_authority(&req) {
         Ok(a) => a,
