@@ -13,6 +13,9 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::error::FieldError;
+use super::resilience::{
+    self, CircuitBreakerConfig, HealthCheckConfig, OverloadConfig, RetryConfig,
+};
 use super::spec::{
     API_VERSION, Algorithm, BackendSpec, KIND, PolicyDocument, PortRef, Quantity,
     ResiliencePolicySpec, UpstreamProtocol,
@@ -54,6 +57,14 @@ pub struct PolicyConfig {
     pub forwarding: Forwarding,
     /// WebSocket proxying.
     pub websocket: WebSocketConfig,
+    /// Retries.
+    pub retry: RetryConfig,
+    /// Per-endpoint circuit breakers.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Concurrency limits.
+    pub overload: OverloadConfig,
+    /// Active health checks (off when absent).
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 /// A listener address and its optional TLS files.
@@ -90,6 +101,8 @@ pub struct BackendConfig {
     pub protocol: UpstreamProtocol,
     /// TLS towards the backend, if any.
     pub tls: Option<UpstreamTls>,
+    /// Whether the policy's health checks apply to this backend.
+    pub health_check: bool,
 }
 
 /// Where a backend's endpoints come from.
@@ -309,6 +322,16 @@ struct Ctx<'a> {
     errors: &'a mut Vec<FieldError>,
 }
 
+impl resilience::Errors for Ctx<'_> {
+    fn push(&mut self, path: &str, message: String) {
+        self.error(path, message);
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
+        Ctx::duration(self, path, value, default)
+    }
+}
+
 impl Ctx<'_> {
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError::new(path, message));
@@ -401,26 +424,6 @@ fn compile_spec(
         }
     }
     ctx.unsupported(
-        "spec.retry",
-        &spec.retry,
-        "retries land with the resilience work",
-    );
-    ctx.unsupported(
-        "spec.circuitBreaker",
-        &spec.circuit_breaker,
-        "circuit breakers land with the resilience work",
-    );
-    ctx.unsupported(
-        "spec.overload",
-        &spec.overload,
-        "overload limits land with the resilience work",
-    );
-    ctx.unsupported(
-        "spec.healthCheck",
-        &spec.health_check,
-        "active health checks land with the resilience work",
-    );
-    ctx.unsupported(
         "spec.rateLimit",
         &spec.rate_limit,
         "rate limiting lands with traffic control",
@@ -430,6 +433,10 @@ fn compile_spec(
         &spec.cache,
         "the response cache lands with traffic control",
     );
+    let retry = resilience::compile_retry(ctx, spec.retry.as_ref());
+    let circuit_breaker = resilience::compile_breaker(ctx, spec.circuit_breaker.as_ref());
+    let overload = resilience::compile_overload(ctx, spec.overload.as_ref());
+    let health_check = resilience::compile_health_check(ctx, spec.health_check.as_ref());
     PolicyConfig {
         id,
         listener,
@@ -439,6 +446,10 @@ fn compile_spec(
         limits,
         forwarding,
         websocket,
+        retry,
+        circuit_breaker,
+        overload,
+        health_check,
     }
 }
 
@@ -637,6 +648,7 @@ fn compile_backend(
         weight: weight.max(1),
         protocol,
         tls,
+        health_check: spec.health_check.unwrap_or(true),
     })
 }
 
@@ -832,7 +844,10 @@ fn check_dns_label_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn serialize_duration<S: serde::Serializer>(
+    d: &Duration,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_duration(*d))
 }
 

@@ -3,6 +3,7 @@
 pub mod compile;
 pub mod error;
 pub mod file;
+pub mod resilience;
 pub mod spec;
 pub mod units;
 

@@ -182,6 +182,9 @@ pub struct BackendSpec {
     /// How often `dns` backends are re-resolved; default 5s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_refresh: Option<String>,
+    /// `false` exempts this backend's endpoints from `spec.healthCheck`; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<bool>,
 }
 
 /// A reference to a Kubernetes Service port.
@@ -298,6 +301,9 @@ pub struct RetrySpec {
     /// Use a backend's `Retry-After` as the delay; default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub honor_retry_after: Option<bool>,
+    /// Request bodies up to this size are kept so they can be replayed; default 64Ki.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replay_bytes: Option<Quantity>,
 }
 
 /// Exponential backoff.
@@ -364,6 +370,9 @@ pub struct RetryBudgetSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreakerSpec {
+    /// `false` turns breakers off; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
     /// Consecutive failures that open the breaker; default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_threshold: Option<u32>,
@@ -412,6 +421,9 @@ pub struct OverloadSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthCheckSpec {
+    /// `false` turns checks off; default true when the block is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
     /// Path probed with GET; default `/healthz`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -427,6 +439,9 @@ pub struct HealthCheckSpec {
     /// Passed probes that bring it back; default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_threshold: Option<u32>,
+    /// Statuses that pass, as codes or ranges (`"200-399"`, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_statuses: Option<Vec<String>>,
 }
 
 /// Rate limiting.
