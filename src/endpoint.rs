@@ -10,12 +10,15 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use prometheus::{IntGauge, IntGaugeVec};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::PolicyId;
 use crate::metrics::Metrics;
+use crate::resilience::breaker::{
+    Breaker, BreakerConfig, BreakerState, Transition, TransitionReason,
+};
 
 /// How long an idle endpoint's latency estimate takes to decay (PeakEWMA's time constant).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -72,7 +75,10 @@ pub struct EndpointState {
     /// Nanoseconds since [`epoch`] of the last estimate update.
     rtt_stamp: AtomicU64,
     recent_failures: Mutex<VecDeque<FailureRecord>>,
+    breaker: Breaker,
     health_gauge: IntGauge,
+    breaker_gauge: IntGauge,
+    transitions: IntCounterVec,
     gauges: (IntGaugeVec, IntGaugeVec),
 }
 
@@ -86,11 +92,8 @@ impl EndpointState {
         let labels = [labels[0].as_str(), labels[1].as_str(), labels[2].as_str()];
         let health_gauge = metrics.backend_health.with_label_values(&labels);
         health_gauge.set(1);
-        // Registered now so dashboards see every endpoint; breakers report through it.
-        metrics
-            .circuit_breaker_state
-            .with_label_values(&labels)
-            .set(0);
+        let breaker_gauge = metrics.circuit_breaker_state.with_label_values(&labels);
+        breaker_gauge.set(BreakerState::Closed.as_gauge());
         Self {
             key,
             in_flight: AtomicU32::new(0),
@@ -101,7 +104,10 @@ impl EndpointState {
             rtt_estimate: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             rtt_stamp: AtomicU64::new(now_nanos()),
             recent_failures: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
+            breaker: Breaker::new(),
             health_gauge,
+            breaker_gauge,
+            transitions: metrics.circuit_breaker_transitions.clone(),
             gauges: (
                 metrics.backend_health.clone(),
                 metrics.circuit_breaker_state.clone(),
@@ -114,9 +120,49 @@ impl EndpointState {
         &self.key
     }
 
-    /// Whether the balancer may send a new request here.
-    pub fn is_admissible(&self) -> bool {
-        self.health() != Health::Unhealthy
+    /// Whether the balancer may send a new request here: not marked down by health checks, and
+    /// (with breakers on) a breaker that admits traffic. A cheap, lock-free gate.
+    pub fn is_admissible(&self, breaker: Option<&BreakerConfig>) -> bool {
+        self.health() != Health::Unhealthy && breaker.is_none_or(|cfg| self.breaker.admits(cfg))
+    }
+
+    /// The endpoint's circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Publishes a breaker transition: gauge, transition counter, and one log line.
+    pub fn note_transition(&self, transition: Transition) {
+        self.breaker_gauge.set(transition.to.as_gauge());
+        let policy = self.key.policy.to_string();
+        self.transitions
+            .with_label_values(&[
+                policy.as_str(),
+                self.key.backend.as_str(),
+                self.key.address.as_str(),
+                transition.to.as_str(),
+                transition.reason.as_str(),
+            ])
+            .inc();
+        match transition.to {
+            BreakerState::Open => tracing::warn!(
+                policy = %policy,
+                backend = %self.key.backend,
+                endpoint = %self.key.address,
+                reason = transition.reason.as_str(),
+                probe_in_ms = self.breaker.time_until_probe().map_or(0, |d| d.as_millis() as u64),
+                "circuit breaker opened"
+            ),
+            _ => tracing::info!(
+                policy = %policy,
+                backend = %self.key.backend,
+                endpoint = %self.key.address,
+                from = transition.from.as_str(),
+                to = transition.to.as_str(),
+                reason = transition.reason.as_str(),
+                "circuit breaker transition"
+            ),
+        }
     }
 
     /// Current health.
@@ -208,7 +254,12 @@ impl EndpointState {
             address: self.key.address.clone(),
             backend: self.key.backend.clone(),
             health: self.health(),
-            circuit_breaker: "closed",
+            circuit_breaker: self.breaker.state(),
+            breaker_trip_reason: self.breaker.last_trip_reason(),
+            next_probe_in_ms: self
+                .breaker
+                .time_until_probe()
+                .map(|d| d.as_millis() as u64),
             in_flight: self.in_flight(),
             requests_total: self.requests.load(Ordering::Relaxed),
             failures_total: self.failures.load(Ordering::Relaxed),
@@ -247,7 +298,11 @@ pub struct EndpointReport {
     /// Health.
     pub health: Health,
     /// Breaker state.
-    pub circuit_breaker: &'static str,
+    pub circuit_breaker: BreakerState,
+    /// Why the breaker last opened (while open or half-open).
+    pub breaker_trip_reason: Option<TransitionReason>,
+    /// Milliseconds until the breaker admits a probe (while open).
+    pub next_probe_in_ms: Option<u64>,
     /// Requests in flight.
     pub in_flight: u32,
     /// Requests sent since the endpoint appeared.

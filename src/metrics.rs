@@ -33,6 +33,14 @@ pub struct Metrics {
     pub backend_health: IntGaugeVec,
     /// 0 closed, 1 open, 2 half-open, by policy, backend and endpoint.
     pub circuit_breaker_state: IntGaugeVec,
+    /// Breaker transitions by policy, backend, endpoint, target state and reason.
+    pub circuit_breaker_transitions: IntCounterVec,
+    /// Retries sent, by policy and reason.
+    pub retries: IntCounterVec,
+    /// Retries refused because the retry budget was spent, by policy.
+    pub retry_budget_exhausted: IntCounterVec,
+    /// Requests refused by an overload limit, by policy and limit.
+    pub overload_rejected: IntCounterVec,
     /// Requests rejected by a rate limit, by policy and scope.
     pub rate_limit_rejected: IntCounterVec,
     /// Client connections open, by policy.
@@ -116,6 +124,26 @@ impl Metrics {
                 "Circuit breaker state per endpoint: 0 closed, 1 open, 2 half-open.",
                 &["policy", "backend", "endpoint"],
             )?,
+            circuit_breaker_transitions: counter_vec(
+                "circuit_breaker_transitions_total",
+                "Circuit breaker state changes.",
+                &["policy", "backend", "endpoint", "to", "reason"],
+            )?,
+            retries: counter_vec(
+                "proxy_retries_total",
+                "Retry attempts sent, by the reason the previous attempt failed.",
+                &["policy", "reason"],
+            )?,
+            retry_budget_exhausted: counter_vec(
+                "proxy_retry_budget_exhausted_total",
+                "Retries not sent because the retry budget was spent.",
+                &["policy"],
+            )?,
+            overload_rejected: counter_vec(
+                "proxy_overload_rejected_total",
+                "Requests refused by an overload limit.",
+                &["policy", "limit"],
+            )?,
             rate_limit_rejected: counter_vec(
                 "rate_limit_rejected_total",
                 "Requests rejected by a rate limit.",
@@ -181,7 +209,11 @@ impl Metrics {
         let mut declared = Vec::new();
         {
             use prometheus::core::Collector;
-            let families: [(&dyn Collector, &'static str); 12] = [
+            let families: [(&dyn Collector, &'static str); 16] = [
+                (&metrics.circuit_breaker_transitions, "counter"),
+                (&metrics.retries, "counter"),
+                (&metrics.retry_budget_exhausted, "counter"),
+                (&metrics.overload_rejected, "counter"),
                 (&metrics.requests, "counter"),
                 (&metrics.request_duration, "histogram"),
                 (&metrics.upstream_duration, "histogram"),

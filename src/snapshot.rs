@@ -2,19 +2,25 @@
 //! endpoints' shared state, upstream clients, TLS acceptors and pre-resolved metric handles.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use http::uri::Authority;
 use tokio_rustls::TlsAcceptor;
 
 use crate::balance::{Balancer, Candidate};
 use crate::config::compile::{BackendTarget, PolicyConfig};
+use crate::config::spec::Jitter;
 use crate::config::{FieldError, PolicyId};
 use crate::endpoint::{EndpointKey, EndpointRegistry, EndpointState};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::proxy::pool::{ConnSettings, EndpointPool, PoolCache};
 use crate::proxy::tls;
+use crate::resilience::backoff::{Backoff, JitterMode};
+use crate::resilience::breaker::{BreakerConfig, BreakerState};
+use crate::resilience::budget::{DEFAULT_TTL, RetryBudget};
 
 /// Addresses found for backends whose endpoints are discovered at run time (DNS, Kubernetes),
 /// keyed by policy and backend name.
@@ -67,6 +73,16 @@ pub struct PolicyRuntime {
     pub tls_acceptor: Option<TlsAcceptor>,
     /// Metrics for requests that never reached a backend.
     pub unrouted_metrics: BackendMetrics,
+    /// Breaker settings, `None` when breakers are off.
+    pub breaker: Option<Arc<BreakerConfig>>,
+    /// Cap on simultaneously open breakers (`maxEjectionPercent`).
+    pub ejections: EjectionBudget,
+    /// The policy's retry budget (shared across snapshots while its settings stay the same).
+    pub retry_budget: Arc<RetryBudget>,
+    /// Backoff between attempts.
+    pub backoff: Backoff,
+    /// Counters that span snapshots.
+    pub shared: Arc<PolicyState>,
     /// The metric families (for rare-path label lookups).
     pub metrics: Arc<Metrics>,
 }
@@ -83,11 +99,51 @@ pub struct RuntimeEndpoint {
     pub backend_index: usize,
     /// Metric handles for this endpoint's backend.
     pub metrics: Arc<BackendMetrics>,
+    /// The policy's breaker settings, `None` when breakers are off.
+    pub breaker: Option<Arc<BreakerConfig>>,
 }
 
 impl Candidate for RuntimeEndpoint {
     fn state(&self) -> &EndpointState {
         &self.state
+    }
+
+    fn admissible(&self) -> bool {
+        self.state.is_admissible(self.breaker.as_deref())
+    }
+}
+
+/// Per-policy counters that must survive snapshot swaps (requests in flight span them).
+#[derive(Debug, Default)]
+pub struct PolicyState {
+    /// Requests in flight (for `overload.maxConcurrentRequests`).
+    pub in_flight: AtomicU32,
+    /// Requests waiting for an upstream connection (for `overload.maxPendingRequests`).
+    pub pending: AtomicU32,
+}
+
+/// How many of a policy's endpoints may have an open breaker at once.
+#[derive(Debug)]
+pub struct EjectionBudget {
+    open: AtomicU32,
+    max: u32,
+}
+
+impl EjectionBudget {
+    /// Grants one more ejection if the cap allows it.
+    pub fn try_eject(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// One ejected endpoint closed again.
+    pub fn restore(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 }
 
@@ -106,6 +162,8 @@ pub struct SnapshotBuilder {
     metrics: Arc<Metrics>,
     registry: EndpointRegistry,
     pools: PoolCache,
+    policy_states: Mutex<HashMap<PolicyId, Weak<PolicyState>>>,
+    budgets: Mutex<HashMap<(PolicyId, u64, u32), Weak<RetryBudget>>>,
 }
 
 impl SnapshotBuilder {
@@ -114,6 +172,8 @@ impl SnapshotBuilder {
         Self {
             registry: EndpointRegistry::new(Arc::clone(&metrics)),
             pools: PoolCache::default(),
+            policy_states: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -149,6 +209,40 @@ impl SnapshotBuilder {
             )),
             None => None,
         };
+        let cb = &config.circuit_breaker;
+        let breaker = cb.enabled.then(|| {
+            Arc::new(BreakerConfig {
+                failure_threshold: cb.failure_threshold,
+                failure_ratio: cb.failure_ratio,
+                minimum_requests: cb.minimum_requests,
+                window: cb.window,
+                success_threshold: cb.success_threshold,
+                open_timeout: cb.open_timeout,
+                half_open_max_requests: cb.half_open_max_requests,
+            })
+        });
+        let retry = &config.retry;
+        let backoff = Backoff::try_new(
+            retry.backoff_initial,
+            retry.backoff_max,
+            retry.backoff_multiplier,
+            match retry.jitter {
+                Jitter::Full => JitterMode::Full,
+                Jitter::Equal => JitterMode::Equal,
+                Jitter::None => JitterMode::None,
+            },
+        )
+        .map_err(|e| fail("spec.retry.backoff".to_owned(), e.to_string()))?;
+        let retry_budget = shared_entry(
+            &self.budgets,
+            (
+                config.id.clone(),
+                retry.budget_ratio.to_bits(),
+                retry.budget_min_per_second,
+            ),
+            || RetryBudget::new(retry.budget_ratio, retry.budget_min_per_second, DEFAULT_TTL),
+        );
+        let shared = shared_entry(&self.policy_states, config.id.clone(), PolicyState::default);
         let mut endpoints = Vec::new();
         let mut weights = Vec::new();
         for (index, backend) in config.backends.iter().enumerate() {
@@ -187,11 +281,29 @@ impl SnapshotBuilder {
                     authority,
                     backend_index: index,
                     metrics: Arc::clone(&metrics),
+                    breaker: breaker.clone(),
                 });
                 weights.push(backend.weight);
             }
         }
+        let already_open = endpoints
+            .iter()
+            .filter(|e| e.state.breaker().state() != BreakerState::Closed)
+            .count() as u32;
+        let max_ejections = match cb.max_ejection_percent {
+            0 => 0,
+            // At least one endpoint may always be ejected, so a lone endpoint can still fail fast.
+            pct => (endpoints.len() as u32 * pct / 100).max(1),
+        };
         Ok(PolicyRuntime {
+            ejections: EjectionBudget {
+                open: AtomicU32::new(already_open),
+                max: max_ejections,
+            },
+            breaker,
+            retry_budget,
+            backoff,
+            shared,
             balancer: Balancer::new(config.algorithm, &weights),
             unrouted_metrics: BackendMetrics::unrouted(&self.metrics, &label),
             label,
@@ -201,4 +313,24 @@ impl SnapshotBuilder {
             metrics: Arc::clone(&self.metrics),
         })
     }
+}
+
+/// The live value for `key`, or a new one from `make` (kept weakly, so it lives exactly as long
+/// as some snapshot uses it).
+fn shared_entry<K: Eq + Hash, V>(
+    map: &Mutex<HashMap<K, Weak<V>>>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    let mut map = match map.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
+        return existing;
+    }
+    let value = Arc::new(make());
+    map.retain(|_, weak| weak.strong_count() > 0);
+    map.insert(key, Arc::downgrade(&value));
+    value
 }

@@ -114,7 +114,11 @@ async fn connect_timeout_against_a_blackhole_answers_504() {
     let proxy = TestProxy::start(&policy(
         "connect",
         &[("hole", addr)],
-        &timeouts("connect: 300ms, request: 2s"),
+        // One attempt: by default a connect failure is retried once, which would double the wait.
+        &format!(
+            "{}  retry: {{maxAttempts: 1}}\n",
+            timeouts("connect: 300ms, request: 2s")
+        ),
     ))
     .await;
     let (answer, elapsed) = timed_get(&proxy.url("connect", "/x")).await;

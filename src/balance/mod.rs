@@ -19,6 +19,8 @@ const FULL_SCAN_LIMIT: usize = 16;
 pub trait Candidate {
     /// The endpoint's shared state.
     fn state(&self) -> &EndpointState;
+    /// Whether it may take a new request now (health, breaker).
+    fn admissible(&self) -> bool;
 }
 
 /// Chooses an endpoint per request.
@@ -65,7 +67,7 @@ impl Balancer {
         if n == 0 {
             return None;
         }
-        let eligible = |i: usize| allowed(i) && endpoints[i].state().is_admissible();
+        let eligible = |i: usize| allowed(i) && endpoints[i].admissible();
         match self.algorithm {
             Algorithm::RoundRobin => {
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed);

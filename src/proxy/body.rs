@@ -38,6 +38,7 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind {
         Empty,
+        Full { data: Option<Bytes> },
         Streaming {
             #[pin]
             inner: Incoming,
@@ -65,12 +66,26 @@ impl RequestBody {
             kind: RequestKind::Empty,
         }
     }
+
+    /// A body held in memory (so it can be sent again on a retry).
+    pub fn full(data: Bytes) -> Self {
+        Self {
+            kind: RequestKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for RequestBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             RequestKind::Empty => f.write_str("RequestBody::Empty"),
+            RequestKind::Full { data } => write!(
+                f,
+                "RequestBody::Full({} bytes)",
+                data.as_ref().map_or(0, Bytes::len)
+            ),
             RequestKind::Streaming {
                 received, limit, ..
             } => f
@@ -92,6 +107,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             RequestKindProj::Empty => Poll::Ready(None),
+            RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             RequestKindProj::Streaming {
                 inner,
                 received,
@@ -115,6 +131,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             RequestKind::Empty => true,
+            RequestKind::Full { data } => data.is_none(),
             RequestKind::Streaming { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -122,6 +139,9 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             RequestKind::Empty => SizeHint::with_exact(0),
+            RequestKind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             RequestKind::Streaming { inner, .. } => inner.size_hint(),
         }
     }

@@ -17,9 +17,13 @@ pub const MAX_URI_BYTES: usize = 8 << 10;
 /// A failure the proxy answers on behalf of the backend (or the client's own fault).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
-    /// No endpoint can take the request (none configured, resolved, or admissible).
+    /// No endpoint can take the request (none configured, resolved, or admissible); the value
+    /// is when to try again, in seconds (until the next breaker probe).
     #[error("no endpoint available")]
-    NoEndpoint,
+    NoEndpoint(u64),
+    /// An overload limit (`overload.*`) refused the request.
+    #[error("overloaded: {0} reached")]
+    Overloaded(&'static str),
     /// TCP/TLS connect did not finish in `timeouts.connect`.
     #[error("upstream connect timed out (timeouts.connect={})", format_duration(*.0))]
     ConnectTimeout(Duration),
@@ -65,7 +69,9 @@ impl ProxyError {
     /// The status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoEndpoint | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(_) | ProxyError::Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::ConnectTimeout(_)
             | ProxyError::PerTryTimeout(_)
             | ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -83,7 +89,8 @@ impl ProxyError {
     /// The stable cause label: `x-breakwater-error` value and `proxy_errors_total{cause}`.
     pub fn cause(&self) -> &'static str {
         match self {
-            ProxyError::NoEndpoint => "no_endpoint",
+            ProxyError::NoEndpoint(_) => "no_endpoint",
+            ProxyError::Overloaded(_) => "overloaded",
             ProxyError::ConnectTimeout(_) => "connect_timeout",
             ProxyError::ConnectRefused => "connect_refused",
             ProxyError::ConnectFailed => "connect_failed",
@@ -124,8 +131,18 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.cause()));
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match self {
+            ProxyError::NoEndpoint(seconds) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from((*seconds).max(1)));
+            }
+            ProxyError::Overloaded(limit) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                headers.insert("x-breakwater-limit", HeaderValue::from_static(limit));
+            }
+            ProxyError::Draining => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         if matches!(
             self,

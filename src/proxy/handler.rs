@@ -25,7 +25,12 @@ use super::error::{MAX_URI_BYTES, ProxyError};
 use super::headers::{self, ClientSide, PeerHeaders};
 use super::pool::{ConnectError, PoolReturn, SendError};
 use super::websocket;
+use crate::resilience::breaker::{BreakerState, Permit};
 use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// State every connection's requests share.
 pub struct ProxyState {
@@ -162,35 +167,35 @@ async fn forward<'p>(
     let upgrade = config.websocket.enabled && headers::is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let Some(index) = policy.balancer.pick(&policy.endpoints, &[]) else {
-        return fail(ProxyError::NoEndpoint, None, 0);
+    // Overload: a cheap counter shared by the policy's requests across snapshots.
+    let Some(_in_flight) = CountGuard::try_new(
+        &policy.shared.in_flight,
+        config.overload.max_concurrent_requests,
+    ) else {
+        return reject_overloaded(policy, "max_concurrent_requests");
     };
-    let endpoint = &policy.endpoints[index];
 
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    parts.uri = match Uri::builder()
-        .scheme(if endpoint.pool.is_tls() {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        })
-        .authority(endpoint.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    let method = parts.method.clone();
+    let retry = &config.retry;
+    // A retry may resend only what it can reproduce: no body, or one small enough to keep.
+    let idempotent =
+        headers::is_idempotent(&method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+    let mut body = if body.is_end_stream() {
+        AttemptBody::Replayable(Bytes::new())
+    } else if content_length_of(&parts.headers).is_some_and(|n| n <= retry.max_replay_bytes)
+        && !upgrade
     {
-        Ok(uri) => uri,
-        Err(_) => return fail(ProxyError::BadRequest("invalid request target"), None, 0),
-    };
-    parts.version = if endpoint.pool.is_http2() {
-        Version::HTTP_2
+        match RequestBody::new(body, limit).collect().await {
+            Ok(collected) => AttemptBody::Replayable(collected.to_bytes()),
+            Err(RequestBodyError::TooLarge(n)) => {
+                return fail(ProxyError::BodyTooLarge(n), None, 0);
+            }
+            Err(RequestBodyError::Client(_)) => return fail(ProxyError::ClientBody, None, 0),
+        }
     } else {
-        Version::HTTP_11
+        AttemptBody::Streaming(Some(RequestBody::new(body, limit)))
     };
     let client_side = ClientSide {
         peer: &conn.peer_headers,
@@ -209,112 +214,432 @@ async fn forward<'p>(
     } else {
         None
     };
-    if endpoint.pool.is_http2() {
-        // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
-        parts.headers.remove(header::HOST);
-    }
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, limit));
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     let timeouts = &config.timeouts;
-    let (attempt_timeout, timeout_error) = if timeouts.per_try < timeouts.request {
-        (
-            timeouts.per_try,
-            ProxyError::PerTryTimeout(timeouts.per_try),
+    let deadline = Instant::now() + timeouts.request;
+    policy.retry_budget.deposit();
+    let mut tried = Tried::default();
+    let mut attempts = 0u32;
+    let mut last_endpoint = None;
+    loop {
+        attempts += 1;
+        let Some((index, permit)) = pick_endpoint(policy, &tried) else {
+            return fail(no_endpoint(policy), last_endpoint, attempts - 1);
+        };
+        tried.push(index);
+        let endpoint = &policy.endpoints[index];
+        last_endpoint = Some(endpoint);
+
+        // The last possible attempt takes the head by value; earlier ones keep a copy to retry.
+        let may_retry = attempts < retry.max_attempts && !upgrade;
+        let mut head = if may_retry {
+            request_head(&parts)
+        } else {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        };
+        head.uri = match Uri::builder()
+            .scheme(if endpoint.pool.is_tls() {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            })
+            .authority(endpoint.authority.clone())
+            .path_and_query(path_and_query.clone())
+            .build()
+        {
+            Ok(uri) => uri,
+            Err(_) => return fail(ProxyError::BadRequest("invalid request target"), None, 0),
+        };
+        head.version = if endpoint.pool.is_http2() {
+            // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
+            head.headers.remove(header::HOST);
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let Some(attempt_body) = body.take() else {
+            // A streamed body already went out with an earlier attempt: nothing left to resend.
+            return fail(ProxyError::UpstreamReset, last_endpoint, attempts - 1);
+        };
+        let upstream_req = Request::from_parts(head, attempt_body);
+
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let (attempt_timeout, timeout_error) = if timeouts.per_try < remaining {
+            (
+                timeouts.per_try,
+                ProxyError::PerTryTimeout(timeouts.per_try),
+            )
+        } else {
+            (remaining, ProxyError::RequestTimeout(timeouts.request))
+        };
+        let guard = endpoint.state.start_request();
+        let sent = Instant::now();
+        let result = tokio::time::timeout(
+            attempt_timeout,
+            exchange(policy, endpoint, upstream_req, timeouts.connect),
         )
-    } else {
-        (
-            timeouts.request,
-            ProxyError::RequestTimeout(timeouts.request),
-        )
-    };
-    let guard = endpoint.state.start_request();
-    let sent = Instant::now();
-    let result = tokio::time::timeout(
-        attempt_timeout,
-        exchange(endpoint, upstream_req, timeouts.connect),
-    )
-    .await;
-    let (mut response, pool_return) = match result {
-        Err(_) => {
-            endpoint.state.record_failure(timeout_error.cause());
-            return fail(timeout_error, Some(endpoint), 1);
-        }
-        Ok(Err(error)) => {
-            if error.is_endpoint_failure() {
-                endpoint.state.record_failure(error.cause());
+        .await;
+        let result = match result {
+            Err(_) => Err((timeout_error, None)),
+            Ok(result) => result,
+        };
+        match result {
+            Ok((mut response, pool_return)) => {
+                let rtt = sent.elapsed();
+                endpoint.state.observe_latency(rtt);
+                if let Some(histogram) = &endpoint.metrics.upstream_duration {
+                    histogram.observe(rtt.as_secs_f64());
+                }
+                let status = response.status().as_u16();
+                let failed = config.circuit_breaker.is_failure_status(status);
+                if failed {
+                    endpoint.state.record_failure("status_5xx");
+                } else {
+                    endpoint.state.record_success();
+                }
+                record_breaker(policy, endpoint, permit, !failed);
+                if may_retry
+                    && retry.status_codes.contains(&status)
+                    && (idempotent || retry.non_idempotent)
+                    && body.can_replay()
+                {
+                    let hinted = retry_after(&response, retry.honor_retry_after);
+                    if let Some(delay) = retry_delay(policy, attempts, hinted, deadline, "status") {
+                        drop(response);
+                        drop(pool_return);
+                        drop(guard);
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                }
+                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if let Some(client_upgrade) = client_upgrade {
+                    if switching {
+                        return match websocket::tunnel(
+                            state,
+                            policy,
+                            conn,
+                            client_upgrade,
+                            &mut response,
+                            sent_key.as_ref(),
+                            guard,
+                        ) {
+                            Ok(()) => {
+                                headers::prepare_response(
+                                    response.headers_mut(),
+                                    client_version,
+                                    &config.forwarding,
+                                    true,
+                                );
+                                let (parts, _) = response.into_parts();
+                                (
+                                    Response::from_parts(parts, ResponseBody::empty()),
+                                    Outcome {
+                                        endpoint: Some(endpoint),
+                                        attempts,
+                                        error: None,
+                                    },
+                                )
+                            }
+                            Err(error) => {
+                                endpoint.state.record_failure(error.cause());
+                                fail(error, Some(endpoint), attempts)
+                            }
+                        };
+                    }
+                } else if switching {
+                    // The client did not ask to switch; a 101 would desynchronise the connection.
+                    endpoint.state.record_failure("upstream_protocol");
+                    return fail(ProxyError::UpstreamProtocol, Some(endpoint), attempts);
+                }
+                headers::prepare_response(
+                    response.headers_mut(),
+                    client_version,
+                    &config.forwarding,
+                    false,
+                );
+                let response = response
+                    .map(|body| ResponseBody::upstream(body, timeouts.idle, guard, pool_return));
+                return (
+                    response,
+                    Outcome {
+                        endpoint: Some(endpoint),
+                        attempts,
+                        error: None,
+                    },
+                );
             }
-            return fail(error, Some(endpoint), 1);
-        }
-        Ok(Ok(exchanged)) => exchanged,
-    };
-    let rtt = sent.elapsed();
-    endpoint.state.observe_latency(rtt);
-    if let Some(histogram) = &endpoint.metrics.upstream_duration {
-        histogram.observe(rtt.as_secs_f64());
-    }
-    if response.status().is_server_error() {
-        endpoint.state.record_failure("status_5xx");
-    } else {
-        endpoint.state.record_success();
-    }
-
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if let Some(client_upgrade) = client_upgrade {
-        if switching {
-            return match websocket::tunnel(
-                state,
-                policy,
-                conn,
-                client_upgrade,
-                &mut response,
-                sent_key.as_ref(),
-                guard,
-            ) {
-                Ok(()) => {
-                    headers::prepare_response(
-                        response.headers_mut(),
-                        client_version,
-                        &config.forwarding,
-                        true,
-                    );
-                    let (parts, _) = response.into_parts();
-                    (
-                        Response::from_parts(parts, ResponseBody::empty()),
-                        Outcome {
-                            endpoint: Some(endpoint),
-                            attempts: 1,
-                            error: None,
-                        },
-                    )
-                }
-                Err(error) => {
+            Err((error, unsent)) => {
+                drop(guard);
+                if error.is_endpoint_failure() {
                     endpoint.state.record_failure(error.cause());
-                    fail(error, Some(endpoint), 1)
+                    record_breaker(policy, endpoint, permit, false);
+                } else if let Some(permit) = permit {
+                    // Not the endpoint's fault (client body, overload): no verdict either way.
+                    endpoint.state.breaker().release(permit);
                 }
-            };
+                let never_sent = unsent.is_some();
+                if let Some(unsent) = unsent {
+                    // Nothing reached the backend: the body (even a streamed one) can go elsewhere.
+                    body.give_back(unsent.into_body());
+                }
+                let retryable = attempts < retry.max_attempts
+                    && !upgrade
+                    && match &error {
+                        ProxyError::ConnectRefused
+                        | ProxyError::ConnectFailed
+                        | ProxyError::ConnectTimeout(_) => retry.on_connect_failure,
+                        ProxyError::UpstreamReset | ProxyError::UpstreamProtocol => {
+                            retry.on_reset
+                                && (never_sent
+                                    || (idempotent || retry.non_idempotent) && body.can_replay())
+                        }
+                        ProxyError::PerTryTimeout(_) => {
+                            retry.on_timeout
+                                && (idempotent || retry.non_idempotent)
+                                && body.can_replay()
+                        }
+                        _ => false,
+                    };
+                if retryable {
+                    if let Some(delay) =
+                        retry_delay(policy, attempts, None, deadline, error.cause())
+                    {
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                }
+                return fail(error, Some(endpoint), attempts);
+            }
         }
-    } else if switching {
-        // The client did not ask to switch; a 101 here would desynchronise the connection.
-        endpoint.state.record_failure("upstream_protocol");
-        return fail(ProxyError::UpstreamProtocol, Some(endpoint), 1);
+    }
+}
+
+/// Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): the client says a replay is safe.
+static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
+/// Attempts per request are capped (config validation allows at most 10).
+const MAX_TRIED: usize = 10;
+
+/// Endpoints already tried for one request, without allocating.
+#[derive(Default)]
+struct Tried {
+    indices: [usize; MAX_TRIED],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, index: usize) {
+        if self.len < MAX_TRIED {
+            self.indices[self.len] = index;
+            self.len += 1;
+        }
     }
 
-    headers::prepare_response(
-        response.headers_mut(),
-        client_version,
-        &config.forwarding,
-        false,
-    );
-    let response =
-        response.map(|body| ResponseBody::upstream(body, timeouts.idle, guard, pool_return));
+    fn as_slice(&self) -> &[usize] {
+        &self.indices[..self.len]
+    }
+}
+
+/// A request body across attempts.
+enum AttemptBody {
+    /// Kept in memory: every attempt sends a copy.
+    Replayable(Bytes),
+    /// Streamed from the client: only one attempt can send it (unless it comes back unsent).
+    Streaming(Option<RequestBody>),
+}
+
+impl AttemptBody {
+    fn take(&mut self) -> Option<RequestBody> {
+        match self {
+            AttemptBody::Replayable(bytes) if bytes.is_empty() => Some(RequestBody::empty()),
+            AttemptBody::Replayable(bytes) => Some(RequestBody::full(bytes.clone())),
+            AttemptBody::Streaming(body) => body.take(),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        match self {
+            AttemptBody::Replayable(_) => true,
+            AttemptBody::Streaming(body) => body.is_some(),
+        }
+    }
+
+    fn give_back(&mut self, unsent: RequestBody) {
+        if let AttemptBody::Streaming(slot) = self {
+            *slot = Some(unsent);
+        }
+    }
+}
+
+/// Holds one unit of a shared counter, refusing when the counter is at `max`.
+struct CountGuard<'a>(&'a AtomicU32);
+
+impl<'a> CountGuard<'a> {
+    fn try_new(counter: &'a AtomicU32, max: u32) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CountGuard(counter))
+    }
+}
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn reject_overloaded<'p>(
+    policy: &PolicyRuntime,
+    limit: &'static str,
+) -> (Response<ResponseBody>, Outcome<'p>) {
+    policy
+        .metrics
+        .overload_rejected
+        .with_label_values(&[policy.label.as_str(), limit])
+        .inc();
+    let error = ProxyError::Overloaded(limit);
     (
-        response,
+        error.to_response(),
         Outcome {
-            endpoint: Some(endpoint),
-            attempts: 1,
-            error: None,
+            endpoint: None,
+            attempts: 0,
+            error: Some(error),
         },
     )
+}
+
+/// The request head again, for another attempt.
+fn request_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut head = Request::new(()).into_parts().0;
+    head.method = parts.method.clone();
+    head.uri = parts.uri.clone();
+    head.version = parts.version;
+    head.headers = parts.headers.clone();
+    head
+}
+
+/// Chooses an endpoint and reserves its breaker admission (a half-open breaker admits only a
+/// few probes, so a pick can lose the race and move on).
+fn pick_endpoint(policy: &PolicyRuntime, tried: &Tried) -> Option<(usize, Option<Permit>)> {
+    let mut skipped = Tried::default();
+    for _ in 0..policy.endpoints.len().min(MAX_TRIED) {
+        let mut avoid = Tried::default();
+        for &i in tried.as_slice().iter().chain(skipped.as_slice()) {
+            avoid.push(i);
+        }
+        let index = policy.balancer.pick(&policy.endpoints, avoid.as_slice())?;
+        if skipped.as_slice().contains(&index) {
+            return None;
+        }
+        let Some(cfg) = &policy.breaker else {
+            return Some((index, None));
+        };
+        let endpoint = &policy.endpoints[index];
+        let (permit, transition) = endpoint.state.breaker().try_acquire(cfg);
+        if let Some(transition) = transition {
+            endpoint.state.note_transition(transition);
+        }
+        match permit {
+            Some(permit) => return Some((index, Some(permit))),
+            None => skipped.push(index),
+        }
+    }
+    None
+}
+
+/// Reports an attempt's verdict to the endpoint's breaker, honouring the ejection cap.
+fn record_breaker(
+    policy: &PolicyRuntime,
+    endpoint: &RuntimeEndpoint,
+    permit: Option<Permit>,
+    success: bool,
+) {
+    let (Some(cfg), Some(permit)) = (&policy.breaker, permit) else {
+        return;
+    };
+    let transition = endpoint
+        .state
+        .breaker()
+        .record(cfg, permit, success, || policy.ejections.try_eject());
+    if let Some(transition) = transition {
+        if transition.to == BreakerState::Closed {
+            policy.ejections.restore();
+        }
+        endpoint.state.note_transition(transition);
+    }
+}
+
+/// 503 for "nothing admissible", telling the client when the next breaker probe is due.
+fn no_endpoint(policy: &PolicyRuntime) -> ProxyError {
+    let next_probe = policy
+        .endpoints
+        .iter()
+        .filter_map(|e| e.state.breaker().time_until_probe())
+        .min()
+        .map_or(1, |d| d.as_secs_f64().ceil() as u64);
+    ProxyError::NoEndpoint(next_probe)
+}
+
+/// The delay before the next attempt, or `None` when no retry may be sent (budget spent, or
+/// the delay would pass the request deadline). Counts the retry or the refusal.
+fn retry_delay(
+    policy: &PolicyRuntime,
+    attempts: u32,
+    hinted: Option<std::time::Duration>,
+    deadline: Instant,
+    reason: &'static str,
+) -> Option<std::time::Duration> {
+    let delay = hinted.unwrap_or_else(|| policy.backoff.delay(attempts, &mut rand::rng()));
+    if Instant::now() + delay >= deadline {
+        return None;
+    }
+    if !policy.retry_budget.withdraw() {
+        policy
+            .metrics
+            .retry_budget_exhausted
+            .with_label_values(&[policy.label.as_str()])
+            .inc();
+        return None;
+    }
+    policy
+        .metrics
+        .retries
+        .with_label_values(&[policy.label.as_str(), reason])
+        .inc();
+    Some(delay)
+}
+
+/// A 429/503 `Retry-After` in seconds (the HTTP-date form is not honoured: clock skew makes it
+/// unreliable between machines), when the policy honours it.
+fn retry_after(response: &Response<Incoming>, honor: bool) -> Option<std::time::Duration> {
+    if !honor || !matches!(response.status().as_u16(), 429 | 503) {
+        return None;
+    }
+    response
+        .headers()
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(std::time::Duration::from_secs)
+}
+
+fn content_length_of(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {
@@ -329,19 +654,38 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
 const MAX_STALE_CONNECTIONS: usize = 3;
 
 /// Sends `req` to `endpoint` on a pooled or new connection. A request that provably never left
-/// (its pooled connection was already closed) is resent on another connection, whatever its method.
+/// (its pooled connection was already closed) is resent on another connection, whatever its
+/// method. On failure, a request that never left is handed back so it can go elsewhere.
 async fn exchange(
+    policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
     mut req: Request<RequestBody>,
     connect_timeout: std::time::Duration,
-) -> Result<(Response<Incoming>, Option<PoolReturn>), ProxyError> {
+) -> Result<(Response<Incoming>, Option<PoolReturn>), (ProxyError, Option<Request<RequestBody>>)> {
+    let overload = &policy.config.overload;
     let mut stale = 0;
     loop {
-        let conn = endpoint
-            .pool
-            .checkout()
-            .await
-            .map_err(|e| classify_connect(&e, connect_timeout))?;
+        let Some(pending) =
+            CountGuard::try_new(&policy.shared.pending, overload.max_pending_requests)
+        else {
+            return Err((ProxyError::Overloaded("max_pending_requests"), Some(req)));
+        };
+        let may_connect = || {
+            let open: usize = policy
+                .endpoints
+                .iter()
+                .map(|e| e.pool.open_connections())
+                .sum();
+            open < overload.max_connections as usize
+        };
+        let conn = match endpoint.pool.checkout(may_connect).await {
+            Ok(conn) => conn,
+            Err(ConnectError::ConnectionLimit) => {
+                return Err((ProxyError::Overloaded("max_connections"), Some(req)));
+            }
+            Err(e) => return Err((classify_connect(&e, connect_timeout), Some(req))),
+        };
+        drop(pending);
         let reused = conn.reused;
         match conn.send(&endpoint.pool, req).await {
             Ok(exchanged) => return Ok(exchanged),
@@ -350,10 +694,15 @@ async fn exchange(
                 stale += 1;
                 req = *unsent;
             }
-            Err(SendError::NotSent(_, err)) | Err(SendError::Failed(err)) => {
+            Err(SendError::NotSent(unsent, err)) => {
+                let error = classify_send(&err);
+                tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream exchange failed before sending");
+                return Err((error, Some(*unsent)));
+            }
+            Err(SendError::Failed(err)) => {
                 let error = classify_send(&err);
                 tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream exchange failed");
-                return Err(error);
+                return Err((error, None));
             }
         }
     }
@@ -364,6 +713,7 @@ fn classify_connect(err: &ConnectError, connect_timeout: std::time::Duration) ->
         ConnectError::Timeout(_) => ProxyError::ConnectTimeout(connect_timeout),
         ConnectError::Refused => ProxyError::ConnectRefused,
         ConnectError::Failed(_) | ConnectError::Handshake(_) => ProxyError::ConnectFailed,
+        ConnectError::ConnectionLimit => ProxyError::Overloaded("max_connections"),
     }
 }
 

@@ -64,6 +64,9 @@ pub enum ConnectError {
     /// The HTTP handshake (HTTP/2 preface) failed.
     #[error("HTTP handshake failed: {0}")]
     Handshake(#[source] hyper::Error),
+    /// A new connection would pass `overload.maxConnections`.
+    #[error("upstream connection limit reached")]
+    ConnectionLimit,
 }
 
 /// Why a request could not be exchanged on a connection.
@@ -132,8 +135,11 @@ impl EndpointPool {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// A ready connection: the most recently used idle one, or a new one.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Conn, ConnectError> {
+    /// A ready connection: the most recently used idle one, or a new one if `may_connect` allows.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        may_connect: impl FnOnce() -> bool,
+    ) -> Result<Conn, ConnectError> {
         if self.http2 {
             let existing = lock(&self.shared_h2).clone().filter(|s| !s.is_closed());
             if let Some(sender) = existing {
@@ -152,6 +158,9 @@ impl EndpointPool {
                     });
                 }
             }
+        }
+        if !may_connect() {
+            return Err(ConnectError::ConnectionLimit);
         }
         self.connect().await
     }
