@@ -23,6 +23,7 @@ use crate::config::{ConfigError, PolicyConfig, PolicyId};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::handler::ProxyState;
 use crate::proxy::listener::{BindError, Listeners};
+use crate::resilience::health::{HealthCheckers, HealthTarget};
 use crate::snapshot::{BuildError, Resolutions, Snapshot, SnapshotBuilder};
 
 /// How long one DNS lookup may take before the previous addresses are kept.
@@ -129,6 +130,7 @@ pub async fn start(options: ProxyOptions) -> Result<RunningProxy, StartError> {
         resolutions: HashMap::new(),
         next_dns: None,
         version: 0,
+        health: Arc::new(HealthCheckers::new()),
     };
     let (configs, fingerprint) = controller.source.load()?;
     controller.resolutions = resolve_dns(&configs, &HashMap::new()).await;
@@ -249,6 +251,7 @@ struct Controller {
     resolutions: Resolutions,
     next_dns: Option<Instant>,
     version: u64,
+    health: Arc<HealthCheckers>,
 }
 
 impl Controller {
@@ -260,7 +263,10 @@ impl Controller {
     ) {
         loop {
             let forced = tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    self.health.stop_all();
+                    return;
+                }
                 _ = tokio::time::sleep(interval) => None,
                 request = reloads.recv() => match request {
                     Some(reply) => Some(reply),
@@ -268,6 +274,10 @@ impl Controller {
                 },
             };
             let outcome = self.check_file(forced.is_some()).await;
+            // Idle upstream connections past their pool timeout are closed here, off the request path.
+            for (_, endpoint) in self.state.snapshot.load().endpoints() {
+                endpoint.pool.reap();
+            }
             if let Some(reply) = forced {
                 let _ = reply.send(outcome.map(|_| self.version));
             }
@@ -351,6 +361,7 @@ impl Controller {
         self.state.snapshot.store(Arc::clone(&snapshot));
         listeners.commit(&snapshot, prepared);
         drop(listeners);
+        self.health.reconcile(health_targets(&snapshot));
         self.version = version;
         self.configs = configs;
         self.metrics.config_reloads.inc();
@@ -420,4 +431,32 @@ async fn resolve_dns(configs: &[PolicyConfig], previous: &Resolutions) -> Resolu
 
 fn warn_dns(policy: &PolicyId, backend: &str, host: &str, reason: &str) {
     tracing::warn!(%policy, backend, host, reason, "DNS lookup failed; keeping previous addresses");
+}
+
+/// Every endpoint that the snapshot's health-check settings cover.
+fn health_targets(snapshot: &Snapshot) -> Vec<HealthTarget> {
+    let mut targets = Vec::new();
+    for policy in &snapshot.policies {
+        let Some(config) = &policy.config.health_check else {
+            continue;
+        };
+        let config = Arc::new(config.clone());
+        for endpoint in &policy.endpoints {
+            let checked = policy
+                .config
+                .backends
+                .get(endpoint.backend_index)
+                .is_some_and(|b| b.health_check);
+            if checked {
+                targets.push(HealthTarget {
+                    key: endpoint.state.key().clone(),
+                    state: Arc::clone(&endpoint.state),
+                    pool: Arc::clone(&endpoint.pool),
+                    authority: endpoint.authority.clone(),
+                    config: Arc::clone(&config),
+                });
+            }
+        }
+    }
+    targets
 }

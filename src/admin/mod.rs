@@ -131,7 +131,9 @@ fn health(admin: &AdminState) -> serde_json::Value {
     let mut healthy = 0u64;
     for (_, endpoint) in snapshot.endpoints() {
         total += 1;
-        if endpoint.state.health() != Health::Unhealthy {
+        if endpoint.state.health() != Health::Unhealthy
+            && endpoint.state.breaker().state() != crate::resilience::breaker::BreakerState::Open
+        {
             healthy += 1;
         }
     }
@@ -153,10 +155,10 @@ fn health(admin: &AdminState) -> serde_json::Value {
         "policies": snapshot.policies.len(),
         "backends": {"healthy": healthy, "total": total},
         "features": {
-            "circuit_breaker": false,
+            "circuit_breaker": snapshot.policies.iter().any(|p| p.breaker.is_some()),
             "rate_limiting": false,
-            "health_checks": false,
-            "retries": false,
+            "health_checks": snapshot.policies.iter().any(|p| p.config.health_check.is_some()),
+            "retries": snapshot.policies.iter().any(|p| p.config.retry.max_attempts > 1),
             "websocket": snapshot.policies.iter().any(|p| p.config.websocket.enabled),
         },
     })
