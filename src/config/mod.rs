@@ -103,3 +103,104 @@ pub fn load_policies(text: &str, origin: &str) -> Result<Vec<PolicyConfig>, Conf
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str = "apiVersion: breakwater.io/v1alpha1\nkind: ResiliencePolicy\n";
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        match load_policies(yaml, "test.yaml") {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { errors, .. }) => errors
+                .iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect(),
+            Err(other) => vec![other.to_string()],
+        }
+    }
+
+    #[test]
+    fn the_smallest_policy_is_one_backend_with_every_default() {
+        let yaml = format!(
+            "{HEAD}metadata: {{name: tiny}}\nspec:\n  backends: [{{name: app, url: \"http://127.0.0.1:3000\"}}]\n"
+        );
+        let policies = load_policies(&yaml, "t").unwrap();
+        let p = &policies[0];
+        assert_eq!(p.id.to_string(), "default/tiny");
+        assert_eq!(p.listener.addr.port(), 8080);
+        assert_eq!(p.timeouts, compile::Timeouts::default());
+        assert_eq!(p.retry, resilience::RetryConfig::implicit());
+        assert!(p.circuit_breaker.enabled, "breakers are on by default");
+        assert!(
+            p.health_check.is_none(),
+            "health checks need a path: off unless asked for"
+        );
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_with_its_path() {
+        let yaml = format!(
+            "{HEAD}metadata: {{name: bad}}\nspec:\n  backends:\n    - {{name: a, url: \"http://127.0.0.1:1\"}}\n    - {{name: b, url: \"ftp://x\"}}\n  timeouts: {{connect: banana, perTry: 20s, request: 10s}}\n  retry: {{maxAttempts: 0, backoff: {{multiplier: 0.5}}}}\n  circuitBreaker: {{failureRatio: 1.5, maxEjectionPercent: 101}}\n  healthCheck: {{path: healthz, expectedStatuses: [\"200-199\"]}}\n  rateLimit: {{global: {{requestsPerSecond: 1}}}}\n"
+        );
+        let errors = errors_of(&yaml);
+        for expected in [
+            "spec.backends[1].url: unsupported scheme",
+            "spec.timeouts.connect: invalid duration \"banana\"",
+            "spec.timeouts.perTry: 20s is longer than spec.timeouts.request (10s)",
+            "spec.retry.maxAttempts: must be at least 1",
+            "spec.retry.backoff.multiplier",
+            "spec.circuitBreaker.failureRatio",
+            "spec.circuitBreaker.maxEjectionPercent",
+            "spec.healthCheck.path",
+            "spec.healthCheck.expectedStatuses[0]",
+            "spec.rateLimit: not supported yet",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(expected)),
+                "expected an error starting {expected:?} in {errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shape_errors_carry_the_field_path() {
+        let yaml = format!(
+            "{HEAD}metadata: {{name: shape}}\nspec:\n  listener: {{port: 70000}}\n  backends: []\n"
+        );
+        let errors = errors_of(&yaml);
+        assert!(errors[0].contains("spec.listener.port"), "{errors:?}");
+        let yaml = format!("{HEAD}metadata: {{name: typo}}\nspec:\n  backend: []\n");
+        let errors = errors_of(&yaml);
+        assert!(
+            errors[0].contains("unknown field `backend`"),
+            "typos are caught: {errors:?}"
+        );
+    }
+
+    #[test]
+    fn multi_document_files_check_names_and_ports_across_documents() {
+        let doc = |name: &str, port: u16| {
+            format!(
+                "{HEAD}metadata: {{name: {name}}}\nspec:\n  listener: {{port: {port}}}\n  backends: [{{name: app, url: \"http://127.0.0.1:3000\"}}]\n"
+            )
+        };
+        let ok = format!("{}---\n{}", doc("one", 8080), doc("two", 8081));
+        assert_eq!(load_policies(&ok, "t").unwrap().len(), 2);
+        let clash = format!("{}---\n{}", doc("one", 8080), doc("two", 8080));
+        let errors = errors_of(&clash);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("port 8080 is already used by policy default/one")),
+            "{errors:?}"
+        );
+        let twice = format!("{}---\n{}", doc("one", 8080), doc("one", 8081));
+        assert!(
+            errors_of(&twice)
+                .iter()
+                .any(|e| e.contains("defined twice"))
+        );
+    }
+}
