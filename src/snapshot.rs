@@ -122,6 +122,29 @@ pub struct PolicyState {
     pub pending: AtomicU32,
 }
 
+impl PolicyState {
+    /// Takes a slot under `overload.maxConcurrentRequests`; `None` when all are taken.
+    pub fn enter(self: &Arc<Self>, max: u32) -> Option<ConcurrencySlot> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConcurrencySlot(Arc::clone(self)))
+    }
+}
+
+/// One request counted against `overload.maxConcurrentRequests` until it is dropped (with the
+/// response body, so a request counts until its last byte went out).
+#[derive(Debug)]
+pub struct ConcurrencySlot(Arc<PolicyState>);
+
+impl Drop for ConcurrencySlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// How many of a policy's endpoints may have an open breaker at once.
 #[derive(Debug)]
 pub struct EjectionBudget {

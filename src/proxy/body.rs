@@ -13,6 +13,7 @@ use tokio::time::{Instant, Sleep};
 use super::conn::ActiveRequest;
 use super::pool::PoolReturn;
 use crate::endpoint::InFlightGuard;
+use crate::snapshot::ConcurrencySlot;
 
 /// Why a client's request body could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +169,7 @@ pin_project! {
         kind: Kind,
         endpoint_guard: Option<InFlightGuard>,
         active: Option<ActiveRequest>,
+        slot: Option<ConcurrencySlot>,
         pool_return: Option<PoolReturn>,
     }
 }
@@ -197,6 +199,7 @@ impl ResponseBody {
             },
             endpoint_guard: None,
             active: None,
+            slot: None,
             pool_return: None,
         }
     }
@@ -231,8 +234,15 @@ impl ResponseBody {
             },
             endpoint_guard: Some(endpoint_guard),
             active: None,
+            slot: None,
             pool_return,
         }
+    }
+
+    /// Keeps the request counted against the policy's concurrency limit until this body is done.
+    pub fn with_slot(mut self, slot: ConcurrencySlot) -> Self {
+        self.slot = Some(slot);
+        self
     }
 
     /// Keeps the client connection's request count until this body is done.

@@ -84,6 +84,16 @@ pub async fn handle(
     // The access log needs the request line after the request is gone; copy it only when logged.
     let logged = tracing::enabled!(target: "breakwater::access", tracing::Level::INFO)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    // Overload: a cheap counter shared by the policy's requests across snapshots, held until the
+    // response body has gone out.
+    let Some(slot) = policy
+        .shared
+        .enter(policy.config.overload.max_concurrent_requests)
+    else {
+        let (response, _) = reject_overloaded(&policy, "max_concurrent_requests");
+        policy.unrouted_metrics.count(response.status().as_u16());
+        return response.map(|b| b.with_active(active));
+    };
     let (response, outcome) = forward(&state, &policy, &conn, req, seq).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
@@ -115,7 +125,7 @@ pub async fn handle(
             error = outcome.error.as_ref().map_or("-", ProxyError::cause),
         );
     }
-    response.map(|b| b.with_active(active))
+    response.map(|b| b.with_active(active).with_slot(slot))
 }
 
 async fn forward<'p>(
@@ -166,14 +176,6 @@ async fn forward<'p>(
     }
     let upgrade = config.websocket.enabled && headers::is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    // Overload: a cheap counter shared by the policy's requests across snapshots.
-    let Some(_in_flight) = CountGuard::try_new(
-        &policy.shared.in_flight,
-        config.overload.max_concurrent_requests,
-    ) else {
-        return reject_overloaded(policy, "max_concurrent_requests");
-    };
 
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
@@ -235,9 +237,12 @@ async fn forward<'p>(
         let endpoint = &policy.endpoints[index];
         last_endpoint = Some(endpoint);
 
-        // The last possible attempt takes the head by value; earlier ones keep a copy to retry.
+        // A copy of the head is kept only when a retry may follow a request that *was* sent;
+        // a request that never left comes back whole, head included.
         let may_retry = attempts < retry.max_attempts && !upgrade;
-        let mut head = if may_retry {
+        let keep_copy =
+            may_retry && (retry.on_reset || retry.on_timeout || !retry.status_codes.is_empty());
+        let mut head = if keep_copy {
             request_head(&parts)
         } else {
             std::mem::replace(&mut parts, Request::new(()).into_parts().0)
@@ -260,6 +265,13 @@ async fn forward<'p>(
             head.headers.remove(header::HOST);
             Version::HTTP_2
         } else {
+            if !head.headers.contains_key(header::HOST) {
+                // HTTP/1.0 clients may send none, and an HTTP/2 attempt before this one removed it.
+                let host = authority.as_ref().unwrap_or(&endpoint.authority);
+                if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
+                    head.headers.insert(header::HOST, value);
+                }
+            }
             Version::HTTP_11
         };
         let Some(attempt_body) = body.take() else {
@@ -379,14 +391,18 @@ async fn forward<'p>(
                 if error.is_endpoint_failure() {
                     endpoint.state.record_failure(error.cause());
                     record_breaker(policy, endpoint, permit, false);
-                } else if let Some(permit) = permit {
+                } else {
                     // Not the endpoint's fault (client body, overload): no verdict either way.
-                    endpoint.state.breaker().release(permit);
+                    drop(permit);
                 }
                 let never_sent = unsent.is_some();
                 if let Some(unsent) = unsent {
-                    // Nothing reached the backend: the body (even a streamed one) can go elsewhere.
-                    body.give_back(unsent.into_body());
+                    // Nothing reached the backend: head and body (even a streamed one) can go elsewhere.
+                    let (unsent_head, unsent_body) = unsent.into_parts();
+                    if !keep_copy {
+                        parts = unsent_head;
+                    }
+                    body.give_back(unsent_body);
                 }
                 let retryable = attempts < retry.max_attempts
                     && !upgrade
@@ -529,7 +545,7 @@ fn request_head(parts: &http::request::Parts) -> http::request::Parts {
 
 /// Chooses an endpoint and reserves its breaker admission (a half-open breaker admits only a
 /// few probes, so a pick can lose the race and move on).
-fn pick_endpoint(policy: &PolicyRuntime, tried: &Tried) -> Option<(usize, Option<Permit>)> {
+fn pick_endpoint<'p>(policy: &'p PolicyRuntime, tried: &Tried) -> Option<(usize, PermitGuard<'p>)> {
     let mut skipped = Tried::default();
     for _ in 0..policy.endpoints.len().min(MAX_TRIED) {
         let mut avoid = Tried::default();
@@ -540,30 +556,62 @@ fn pick_endpoint(policy: &PolicyRuntime, tried: &Tried) -> Option<(usize, Option
         if skipped.as_slice().contains(&index) {
             return None;
         }
-        let Some(cfg) = &policy.breaker else {
-            return Some((index, None));
-        };
         let endpoint = &policy.endpoints[index];
+        let Some(cfg) = &policy.breaker else {
+            return Some((index, PermitGuard::none(endpoint)));
+        };
         let (permit, transition) = endpoint.state.breaker().try_acquire(cfg);
         if let Some(transition) = transition {
             endpoint.state.note_transition(transition);
         }
         match permit {
-            Some(permit) => return Some((index, Some(permit))),
+            Some(permit) => {
+                return Some((
+                    index,
+                    PermitGuard {
+                        endpoint,
+                        permit: Some(permit),
+                    },
+                ));
+            }
             None => skipped.push(index),
         }
     }
     None
 }
 
+/// A breaker admission that is handed back if its request ends without a verdict (the client
+/// went away, the attempt was cancelled): an abandoned half-open probe must not hold its slot.
+struct PermitGuard<'p> {
+    endpoint: &'p RuntimeEndpoint,
+    permit: Option<Permit>,
+}
+
+impl<'p> PermitGuard<'p> {
+    fn none(endpoint: &'p RuntimeEndpoint) -> Self {
+        Self {
+            endpoint,
+            permit: None,
+        }
+    }
+}
+
+impl Drop for PermitGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.endpoint.state.breaker().release(permit);
+        }
+    }
+}
+
 /// Reports an attempt's verdict to the endpoint's breaker, honouring the ejection cap.
 fn record_breaker(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
-    permit: Option<Permit>,
+    mut permit: PermitGuard<'_>,
     success: bool,
 ) {
-    let (Some(cfg), Some(permit)) = (&policy.breaker, permit) else {
+    let (Some(cfg), Some(permit)) = (&policy.breaker, permit.permit.take()) else {
         return;
     };
     let transition = endpoint
