@@ -49,3 +49,32 @@ async fn upstream_connections_are_reused() {
         "20 sequential requests should share one upstream connection"
     );
 }
+
+#[tokio::test]
+async fn http1_upstream_requests_use_the_origin_form_target() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A raw backend that records the request line exactly as it arrives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = stream.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let _ = tx.send(head.lines().next().unwrap_or_default().to_owned());
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+    });
+    let proxy = TestProxy::start(&policy("origin", &[("raw", addr)], "")).await;
+    let answer = get(&proxy.url("origin", "/some/path?q=1")).await;
+    assert_eq!(answer.status, 200);
+    let request_line = rx.await.unwrap();
+    assert_eq!(
+        request_line, "GET /some/path?q=1 HTTP/1.1",
+        "backends must see the origin form, never an absolute URL"
+    );
+    server.await.unwrap();
+}

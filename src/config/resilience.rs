@@ -423,11 +423,12 @@ pub(super) fn compile_health_check(
         spec.interval.as_ref(),
         Duration::from_secs(5),
     );
+    // The default timeout never exceeds the interval, so a short interval alone is valid.
     let timeout = nonzero_duration(
         errors,
         "spec.healthCheck.timeout",
         spec.timeout.as_ref(),
-        Duration::from_secs(1),
+        Duration::from_secs(1).min(interval),
     );
     if timeout > interval {
         errors.push(

@@ -247,18 +247,24 @@ async fn forward<'p>(
         } else {
             std::mem::replace(&mut parts, Request::new(()).into_parts().0)
         };
-        head.uri = match Uri::builder()
-            .scheme(if endpoint.pool.is_tls() {
-                http::uri::Scheme::HTTPS
-            } else {
-                http::uri::Scheme::HTTP
-            })
-            .authority(endpoint.authority.clone())
-            .path_and_query(path_and_query.clone())
-            .build()
-        {
-            Ok(uri) => uri,
-            Err(_) => return fail(ProxyError::BadRequest("invalid request target"), None, 0),
+        head.uri = if endpoint.pool.is_http2() {
+            // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
+            match Uri::builder()
+                .scheme(if endpoint.pool.is_tls() {
+                    http::uri::Scheme::HTTPS
+                } else {
+                    http::uri::Scheme::HTTP
+                })
+                .authority(endpoint.authority.clone())
+                .path_and_query(path_and_query.clone())
+                .build()
+            {
+                Ok(uri) => uri,
+                Err(_) => return fail(ProxyError::BadRequest("invalid request target"), None, 0),
+            }
+        } else {
+            // HTTP/1.1 to an origin server: origin form (RFC 9112 §3.2.1).
+            Uri::from(path_and_query.clone())
         };
         head.version = if endpoint.pool.is_http2() {
             // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.

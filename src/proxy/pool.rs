@@ -277,7 +277,7 @@ impl Conn {
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<PoolReturn>), SendError> {
         match self.sender {
-            Sender::H1(mut sender) => match sender.try_send_request(req).await {
+            Sender::H1(mut sender) => match sender.try_send_request(origin_form(req)).await {
                 Ok(resp) => Ok((
                     resp,
                     Some(PoolReturn {
@@ -299,6 +299,24 @@ impl Conn {
             },
         }
     }
+}
+
+/// HTTP/1.1 to an origin server takes the origin form (`/path?query`, RFC 9112 §3.2.1); hyper's
+/// connection API writes whatever target it is given.
+fn origin_form(mut req: Request<RequestBody>) -> Request<RequestBody> {
+    if req.uri().authority().is_some() {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
 }
 
 fn spawn_connection<F>(open: Arc<AtomicUsize>, conn: F)

@@ -366,3 +366,113 @@ pub async fn read_response(stream: &mut tokio::net::TcpStream, timeout: Duration
         .await
         .expect("a complete response should arrive in time")
 }
+
+/// The sum of every sample of family `name` whose labels include all of `labels` (label order in
+/// the exposition does not matter); 0 when none matches.
+pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (label_text, value) = match rest.strip_prefix('{') {
+                Some(inner) => inner.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let matches = labels.iter().all(|(key, want)| {
+                label_text.split(',').any(|pair| {
+                    pair.split_once('=')
+                        .is_some_and(|(k, v)| k == *key && v.trim_matches('"') == *want)
+                })
+            });
+            matches
+                .then(|| value.split_whitespace().next()?.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// A backend that can be killed outright: `kill` closes its listener (new connections are
+/// refused) and aborts every open connection (requests in flight are cut off), like a crashed
+/// process. Requests to `/healthz` are counted in `probes`, everything else in `hits`.
+pub struct KillableBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Requests received, health-check probes (`/healthz`) excluded.
+    pub hits: Arc<AtomicUsize>,
+    /// `/healthz` requests received.
+    pub probes: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl KillableBackend {
+    /// Starts one on a fresh loopback port.
+    pub async fn start(handler: Handler) -> KillableBackend {
+        Self::start_on(
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind backend"),
+            handler,
+        )
+    }
+
+    /// Starts one on an already bound listener (to restart on a known port).
+    pub fn start_on(listener: TcpListener, handler: Handler) -> KillableBackend {
+        let addr = listener.local_addr().expect("backend addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (hits2, probes2) = (Arc::clone(&hits), Arc::clone(&probes));
+        let task = tokio::spawn(async move {
+            // Dropping this set (when the task is aborted) aborts every connection task.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                while connections.try_join_next().is_some() {}
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = Arc::clone(&handler);
+                let (hits, probes) = (Arc::clone(&hits2), Arc::clone(&probes2));
+                connections.spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let counter = if req.uri().path() == "/healthz" {
+                            &probes
+                        } else {
+                            &hits
+                        };
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        KillableBackend {
+            addr,
+            hits,
+            probes,
+            task,
+        }
+    }
+
+    /// Requests received so far (probes excluded).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Kills it: once this returns the listening socket is closed, and every open connection
+    /// has been told to abort (each closes as soon as the runtime polls its task).
+    pub async fn kill(&mut self) {
+        self.task.abort();
+        if !self.task.is_finished() {
+            let _ = (&mut self.task).await;
+        }
+    }
+}
+
+impl Drop for KillableBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
