@@ -399,3 +399,20 @@ async fn run_serves_and_drains_in_flight_requests_on_sigterm() {
          {exited_after:?} (drain timeout {DRAIN_TIMEOUT:?})"
     );
 }
+
+#[test]
+fn shipped_examples_validate() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for example in ["examples/demo.yaml", "examples/resilience.yaml"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .arg("validate")
+            .arg(format!("{root}/{example}"))
+            .output()
+            .expect("run breakwater validate");
+        assert!(
+            output.status.success(),
+            "{example} must validate: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
