@@ -327,8 +327,13 @@ impl resilience::Errors for Ctx<'_> {
         self.error(path, message);
     }
 
-    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
-        Ctx::duration(self, path, value, default)
+    fn positive_duration(
+        &mut self,
+        path: &str,
+        value: Option<&String>,
+        default: Duration,
+    ) -> Duration {
+        Ctx::positive_duration(self, path, value, default)
     }
 }
 

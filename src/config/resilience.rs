@@ -175,7 +175,13 @@ pub struct HealthCheckConfig {
 /// Collects field errors while compiling; shared with `compile.rs`.
 pub(super) trait Errors {
     fn push(&mut self, path: &str, message: String);
-    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration;
+    /// A duration that must be greater than zero (reported at `path` otherwise).
+    fn positive_duration(
+        &mut self,
+        path: &str,
+        value: Option<&String>,
+        default: Duration,
+    ) -> Duration;
 }
 
 fn positive(errors: &mut impl Errors, path: &str, value: Option<u32>, default: u32) -> u32 {
@@ -187,20 +193,6 @@ fn positive(errors: &mut impl Errors, path: &str, value: Option<u32>, default: u
         Some(v) => v,
         None => default,
     }
-}
-
-fn nonzero_duration(
-    errors: &mut impl Errors,
-    path: &str,
-    value: Option<&String>,
-    default: Duration,
-) -> Duration {
-    let d = errors.duration(path, value, default);
-    if d.is_zero() {
-        errors.push(path, "must be greater than 0".to_owned());
-        return default;
-    }
-    d
 }
 
 fn status_list(errors: &mut impl Errors, path: &str, codes: &[u16]) -> Vec<u16> {
@@ -233,14 +225,12 @@ pub(super) fn compile_retry(errors: &mut impl Errors, spec: Option<&RetrySpec>) 
         );
     }
     let backoff = spec.backoff.clone().unwrap_or_default();
-    let backoff_initial = nonzero_duration(
-        errors,
+    let backoff_initial = errors.positive_duration(
         "spec.retry.backoff.initial",
         backoff.initial.as_ref(),
         d.backoff_initial,
     );
-    let backoff_max = nonzero_duration(
-        errors,
+    let backoff_max = errors.positive_duration(
         "spec.retry.backoff.max",
         backoff.max.as_ref(),
         d.backoff_max,
@@ -343,8 +333,7 @@ pub(super) fn compile_breaker(
             spec.minimum_requests,
             d.minimum_requests,
         ),
-        window: nonzero_duration(
-            errors,
+        window: errors.positive_duration(
             "spec.circuitBreaker.window",
             spec.window.as_ref(),
             d.window,
@@ -355,8 +344,7 @@ pub(super) fn compile_breaker(
             spec.success_threshold,
             d.success_threshold,
         ),
-        open_timeout: nonzero_duration(
-            errors,
+        open_timeout: errors.positive_duration(
             "spec.circuitBreaker.openTimeout",
             spec.open_timeout.as_ref(),
             d.open_timeout,
@@ -417,15 +405,13 @@ pub(super) fn compile_health_check(
             format!("{path:?} must be an absolute path such as /healthz"),
         );
     }
-    let interval = nonzero_duration(
-        errors,
+    let interval = errors.positive_duration(
         "spec.healthCheck.interval",
         spec.interval.as_ref(),
         Duration::from_secs(5),
     );
     // The default timeout never exceeds the interval, so a short interval alone is valid.
-    let timeout = nonzero_duration(
-        errors,
+    let timeout = errors.positive_duration(
         "spec.healthCheck.timeout",
         spec.timeout.as_ref(),
         Duration::from_secs(1).min(interval),
