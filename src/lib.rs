@@ -12,5 +12,6 @@ pub mod demo;
 pub mod endpoint;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod resilience;
 pub mod snapshot;
