@@ -14,3 +14,13 @@ echo "--- cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 echo "--- cargo test"
 cargo test --all-targets --locked
+
+# Time-boxed fuzzing of the policy parser and the header code (see tests/fuzz/README.md).
+if [[ -n "${FUZZ_SECONDS:-}" ]]; then
+    command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+    for target in policy_parser request_head; do
+        echo "--- cargo fuzz run $target (${FUZZ_SECONDS}s)"
+        cargo fuzz run --fuzz-dir tests/fuzz --sanitizer none "$target" -- \
+            -max_total_time="$FUZZ_SECONDS" -print_final_stats=1
+    done
+fi

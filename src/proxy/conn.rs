@@ -263,6 +263,22 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for ConnIo<S> {
     }
 }
 
+/// Runs raw client bytes through the head tracker and returns the framing flags of every
+/// request head found, in order (for fuzzing and tests; the proxy feeds it from `ConnIo`).
+pub fn inspect_heads(bytes: &[u8]) -> Vec<(u64, u8)> {
+    let shared = ConnShared::default();
+    let mut tracker = HeadTracker::default();
+    // Feed in two pieces so the split-head path is exercised too.
+    let (first, second) = bytes.split_at(bytes.len() / 2);
+    tracker.feed(first, &shared);
+    tracker.feed(second, &shared);
+    shared
+        .head_flags
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default()
+}
+
 /// Largest head prefix kept for inspection; hyper enforces the real header limit.
 const MAX_INSPECTED_HEAD: usize = 64 << 10;
 
