@@ -275,9 +275,25 @@ impl Controller {
             };
             let outcome = self.check_file(forced.is_some()).await;
             // Idle upstream connections past their pool timeout are closed here, off the request path.
-            for (_, endpoint) in self.state.snapshot.load().endpoints() {
+            let snapshot = self.state.snapshot.load();
+            for (_, endpoint) in snapshot.endpoints() {
                 endpoint.pool.reap();
             }
+            // Idle rate-limit keys go too; the table size and evictions become metrics.
+            for policy in &snapshot.policies {
+                if let Some((keys, evicted)) = policy.rate_limits.as_ref().and_then(|l| l.sweep()) {
+                    let label = [policy.label.as_str()];
+                    self.metrics
+                        .rate_limit_keys
+                        .with_label_values(&label)
+                        .set(keys as i64);
+                    self.metrics
+                        .rate_limit_key_evictions
+                        .with_label_values(&label)
+                        .inc_by(evicted);
+                }
+            }
+            drop(snapshot);
             if let Some(reply) = forced {
                 let _ = reply.send(outcome.map(|_| self.version));
             }

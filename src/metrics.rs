@@ -41,8 +41,12 @@ pub struct Metrics {
     pub retry_budget_exhausted: IntCounterVec,
     /// Requests refused by an overload limit, by policy and limit.
     pub overload_rejected: IntCounterVec,
-    /// Requests rejected by a rate limit, by policy and scope.
+    /// Requests rejected by a rate limit, by policy and scope (also counted in dry-run mode).
     pub rate_limit_rejected: IntCounterVec,
+    /// Client keys tracked by per-client rate limits, by policy.
+    pub rate_limit_keys: IntGaugeVec,
+    /// Idle client keys evicted from per-client tables, by policy.
+    pub rate_limit_key_evictions: IntCounterVec,
     /// Client connections open, by policy.
     pub active_connections: IntGaugeVec,
     /// Client connections accepted, by policy.
@@ -149,6 +153,16 @@ impl Metrics {
                 "Requests rejected by a rate limit.",
                 &["policy", "scope"],
             )?,
+            rate_limit_keys: gauge_vec(
+                "rate_limit_keys",
+                "Client keys tracked by the per-client rate limit.",
+                &["policy"],
+            )?,
+            rate_limit_key_evictions: counter_vec(
+                "rate_limit_key_evictions_total",
+                "Idle client keys evicted from the per-client rate-limit table.",
+                &["policy"],
+            )?,
             active_connections: gauge_vec(
                 "proxy_active_connections",
                 "Client connections currently open.",
@@ -209,7 +223,9 @@ impl Metrics {
         let mut declared = Vec::new();
         {
             use prometheus::core::Collector;
-            let families: [(&dyn Collector, &'static str); 16] = [
+            let families: [(&dyn Collector, &'static str); 18] = [
+                (&metrics.rate_limit_keys, "gauge"),
+                (&metrics.rate_limit_key_evictions, "counter"),
                 (&metrics.circuit_breaker_transitions, "counter"),
                 (&metrics.retries, "counter"),
                 (&metrics.retry_budget_exhausted, "counter"),

@@ -18,6 +18,7 @@ use crate::endpoint::{EndpointKey, EndpointRegistry, EndpointState};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::proxy::pool::{ConnSettings, EndpointPool, PoolCache};
 use crate::proxy::tls;
+use crate::ratelimit::policy::PolicyLimits;
 use crate::resilience::backoff::{Backoff, JitterMode};
 use crate::resilience::breaker::{BreakerConfig, BreakerState};
 use crate::resilience::budget::{DEFAULT_TTL, RetryBudget};
@@ -83,6 +84,8 @@ pub struct PolicyRuntime {
     pub backoff: Backoff,
     /// Counters that span snapshots.
     pub shared: Arc<PolicyState>,
+    /// Rate limits (shared across snapshots while their settings stay the same).
+    pub rate_limits: Option<Arc<PolicyLimits>>,
     /// The metric families (for rare-path label lookups).
     pub metrics: Arc<Metrics>,
 }
@@ -187,6 +190,7 @@ pub struct SnapshotBuilder {
     pools: PoolCache,
     policy_states: Mutex<HashMap<PolicyId, Weak<PolicyState>>>,
     budgets: Mutex<HashMap<(PolicyId, u64, u32), Weak<RetryBudget>>>,
+    limits: Mutex<HashMap<(PolicyId, String), Weak<PolicyLimits>>>,
 }
 
 impl SnapshotBuilder {
@@ -197,6 +201,7 @@ impl SnapshotBuilder {
             pools: PoolCache::default(),
             policy_states: Mutex::new(HashMap::new()),
             budgets: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -266,6 +271,17 @@ impl SnapshotBuilder {
             || RetryBudget::new(retry.budget_ratio, retry.budget_min_per_second, DEFAULT_TTL),
         );
         let shared = shared_entry(&self.policy_states, config.id.clone(), PolicyState::default);
+        let rate_limits = match &config.rate_limit {
+            None => None,
+            Some(limits) => {
+                // Settings are compared by their rendering: equal settings share the limiters
+                // (and so the clients' state) across reloads.
+                let key = (config.id.clone(), format!("{limits:?}"));
+                let built = PolicyLimits::try_new(limits)
+                    .map_err(|e| fail("spec.rateLimit".to_owned(), e.to_string()))?;
+                Some(shared_entry(&self.limits, key, || built))
+            }
+        };
         let mut endpoints = Vec::new();
         let mut weights = Vec::new();
         for (index, backend) in config.backends.iter().enumerate() {
@@ -327,6 +343,7 @@ impl SnapshotBuilder {
             retry_budget,
             backoff,
             shared,
+            rate_limits,
             balancer: Balancer::new(config.algorithm, &weights),
             unrouted_metrics: BackendMetrics::unrouted(&self.metrics, &label),
             label,

@@ -156,7 +156,7 @@ fn health(admin: &AdminState) -> serde_json::Value {
         "backends": {"healthy": healthy, "total": total},
         "features": {
             "circuit_breaker": snapshot.policies.iter().any(|p| p.breaker.is_some()),
-            "rate_limiting": false,
+            "rate_limiting": snapshot.policies.iter().any(|p| p.rate_limits.is_some()),
             "health_checks": snapshot.policies.iter().any(|p| p.config.health_check.is_some()),
             "retries": snapshot.policies.iter().any(|p| p.config.retry.max_attempts > 1),
             "websocket": snapshot.policies.iter().any(|p| p.config.websocket.enabled),

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::error::FieldError;
 use super::resilience::{
-    self, CircuitBreakerConfig, HealthCheckConfig, OverloadConfig, RetryConfig,
+    self, CircuitBreakerConfig, HealthCheckConfig, OverloadConfig, RateLimitConfig, RetryConfig,
 };
 use super::spec::{
     API_VERSION, Algorithm, BackendSpec, KIND, PolicyDocument, PortRef, Quantity,
@@ -65,6 +65,8 @@ pub struct PolicyConfig {
     pub overload: OverloadConfig,
     /// Active health checks (off when absent).
     pub health_check: Option<HealthCheckConfig>,
+    /// Rate limits (off when absent).
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// A listener address and its optional TLS files.
@@ -429,11 +431,6 @@ fn compile_spec(
         }
     }
     ctx.unsupported(
-        "spec.rateLimit",
-        &spec.rate_limit,
-        "rate limiting lands with traffic control",
-    );
-    ctx.unsupported(
         "spec.cache",
         &spec.cache,
         "the response cache lands with traffic control",
@@ -442,6 +439,7 @@ fn compile_spec(
     let circuit_breaker = resilience::compile_breaker(ctx, spec.circuit_breaker.as_ref());
     let overload = resilience::compile_overload(ctx, spec.overload.as_ref());
     let health_check = resilience::compile_health_check(ctx, spec.health_check.as_ref());
+    let rate_limit = resilience::compile_rate_limit(ctx, spec.rate_limit.as_ref());
     PolicyConfig {
         id,
         listener,
@@ -455,6 +453,7 @@ fn compile_spec(
         circuit_breaker,
         overload,
         health_check,
+        rate_limit,
     }
 }
 

@@ -142,7 +142,7 @@ mod tests {
     #[test]
     fn every_bad_field_is_reported_with_its_path() {
         let yaml = format!(
-            "{HEAD}metadata: {{name: bad}}\nspec:\n  backends:\n    - {{name: a, url: \"http://127.0.0.1:1\"}}\n    - {{name: b, url: \"ftp://x\"}}\n  timeouts: {{connect: banana, perTry: 20s, request: 10s}}\n  retry: {{maxAttempts: 0, backoff: {{multiplier: 0.5}}}}\n  circuitBreaker: {{failureRatio: 1.5, maxEjectionPercent: 101}}\n  healthCheck: {{path: healthz, expectedStatuses: [\"200-199\"]}}\n  rateLimit: {{global: {{requestsPerSecond: 1}}}}\n"
+            "{HEAD}metadata: {{name: bad}}\nspec:\n  backends:\n    - {{name: a, url: \"http://127.0.0.1:1\"}}\n    - {{name: b, url: \"ftp://x\"}}\n  timeouts: {{connect: banana, perTry: 20s, request: 10s}}\n  retry: {{maxAttempts: 0, backoff: {{multiplier: 0.5}}}}\n  circuitBreaker: {{failureRatio: 1.5, maxEjectionPercent: 101}}\n  healthCheck: {{path: healthz, expectedStatuses: [\"200-199\"]}}\n  rateLimit: {{perClient: {{requestsPerSecond: 0, key: {{header: \"bad header\"}}}}}}\n  cache: {{enabled: true}}\n"
         );
         let errors = errors_of(&yaml);
         for expected in [
@@ -155,7 +155,9 @@ mod tests {
             "spec.circuitBreaker.maxEjectionPercent",
             "spec.healthCheck.path",
             "spec.healthCheck.expectedStatuses[0]",
-            "spec.rateLimit: not supported yet",
+            "spec.rateLimit.perClient.requestsPerSecond",
+            "spec.rateLimit.perClient.key.header: invalid header name",
+            "spec.cache: not supported yet",
         ] {
             assert!(
                 errors.iter().any(|e| e.starts_with(expected)),

@@ -468,3 +468,168 @@ fn parse_status_range(text: &str) -> Option<(u16, u16)> {
     };
     ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
 }
+
+/// One compiled rate.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateConfig {
+    /// Sustained rate.
+    pub requests_per_second: f64,
+    /// Burst size.
+    pub burst: u32,
+}
+
+/// How per-client limits identify a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ClientKeySource {
+    /// The client address, IPv6 grouped by the prefix length.
+    ClientIp {
+        /// IPv6 prefix length.
+        ipv6_prefix: u8,
+    },
+    /// A header (falling back to the address, IPv6 /64, when absent).
+    Header(#[serde(serialize_with = "serialize_header_name")] http::HeaderName),
+}
+
+fn serialize_header_name<S: serde::Serializer>(
+    name: &http::HeaderName,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(name.as_str())
+}
+
+/// Compiled rate limits.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitConfig {
+    /// Algorithm for every limit of the policy.
+    pub algorithm: super::spec::RateLimitAlgorithm,
+    /// Policy-wide limit.
+    pub global: Option<RateConfig>,
+    /// Per-client limit, its key and table bound.
+    pub per_client: Option<(RateConfig, ClientKeySource, u32)>,
+    /// Count but never reject.
+    pub dry_run: bool,
+}
+
+fn compile_rate(errors: &mut impl Errors, path: &str, spec: &super::spec::RateSpec) -> RateConfig {
+    let rps = spec.requests_per_second;
+    if !(rps.is_finite() && rps > 0.0 && rps <= 1_000_000.0) {
+        errors.push(
+            &format!("{path}.requestsPerSecond"),
+            format!("{rps} must be greater than 0 and at most 1000000"),
+        );
+    }
+    let burst = match spec.burst {
+        Some(0) => {
+            errors.push(&format!("{path}.burst"), "must be at least 1".to_owned());
+            1
+        }
+        Some(b) => b,
+        None => (rps.ceil() as u32).max(1),
+    };
+    RateConfig {
+        requests_per_second: rps,
+        burst,
+    }
+}
+
+pub(super) fn compile_rate_limit(
+    errors: &mut impl Errors,
+    spec: Option<&super::spec::RateLimitSpec>,
+) -> Option<RateLimitConfig> {
+    let spec = spec?;
+    let algorithm = spec.algorithm.unwrap_or_default();
+    let global = spec
+        .global
+        .as_ref()
+        .map(|g| compile_rate(errors, "spec.rateLimit.global", g));
+    if spec
+        .global
+        .as_ref()
+        .is_some_and(|g| g.key.is_some() || g.max_keys.is_some())
+    {
+        errors.push(
+            "spec.rateLimit.global.key",
+            "only per-client limits have a key".to_owned(),
+        );
+    }
+    let per_client = spec.per_client.as_ref().map(|p| {
+        let rate = compile_rate(errors, "spec.rateLimit.perClient", p);
+        let key = match &p.key {
+            None => ClientKeySource::ClientIp { ipv6_prefix: 64 },
+            Some(key) => match (&key.client_ip, &key.header) {
+                (Some(ip), None) => {
+                    let prefix = ip.ipv6_prefix.unwrap_or(64);
+                    if prefix == 0 || prefix > 128 {
+                        errors.push(
+                            "spec.rateLimit.perClient.key.clientIp.ipv6Prefix",
+                            format!("{prefix} must be between 1 and 128"),
+                        );
+                    }
+                    ClientKeySource::ClientIp {
+                        ipv6_prefix: prefix.clamp(1, 128),
+                    }
+                }
+                (None, Some(name)) => match http::HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(h) => ClientKeySource::Header(h),
+                    Err(_) => {
+                        errors.push(
+                            "spec.rateLimit.perClient.key.header",
+                            format!("invalid header name {name:?}"),
+                        );
+                        ClientKeySource::ClientIp { ipv6_prefix: 64 }
+                    }
+                },
+                _ => {
+                    errors.push(
+                        "spec.rateLimit.perClient.key",
+                        "set exactly one of clientIp or header".to_owned(),
+                    );
+                    ClientKeySource::ClientIp { ipv6_prefix: 64 }
+                }
+            },
+        };
+        let max_keys = match p.max_keys {
+            Some(0) => {
+                errors.push(
+                    "spec.rateLimit.perClient.maxKeys",
+                    "must be at least 1".to_owned(),
+                );
+                100_000
+            }
+            Some(n) => n,
+            None => 100_000,
+        };
+        (rate, key, max_keys)
+    });
+    if global.is_none() && per_client.is_none() {
+        errors.push("spec.rateLimit", "set global, perClient or both".to_owned());
+    }
+    if algorithm == super::spec::RateLimitAlgorithm::SlidingWindow {
+        for (path, rate) in [
+            ("global", &global),
+            ("perClient", &per_client.as_ref().map(|p| p.0.clone())),
+        ] {
+            if let Some(rate) = rate {
+                if rate.burst > crate::ratelimit::MAX_WINDOW_LIMIT {
+                    errors.push(
+                        &format!("spec.rateLimit.{path}.burst"),
+                        format!(
+                            "{} is more than {} for SlidingWindow",
+                            rate.burst,
+                            crate::ratelimit::MAX_WINDOW_LIMIT
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Some(RateLimitConfig {
+        algorithm,
+        global,
+        per_client,
+        dry_run: spec.dry_run.unwrap_or(false),
+    })
+}

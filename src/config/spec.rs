@@ -450,16 +450,26 @@ pub struct HealthCheckSpec {
 pub struct RateLimitSpec {
     /// `TokenBucket` (default) or `SlidingWindow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub algorithm: Option<String>,
-    /// One limit for the whole policy.
+    pub algorithm: Option<RateLimitAlgorithm>,
+    /// One limit for the whole policy (this proxy instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global: Option<RateSpec>,
     /// One limit per client key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_client: Option<RateSpec>,
-    /// Count but never reject.
+    /// Count rejections but never reject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
+}
+
+/// Rate-limit algorithms.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash, JsonSchema)]
+pub enum RateLimitAlgorithm {
+    /// `burst` requests at once, then `requestsPerSecond` (GCRA).
+    #[default]
+    TokenBucket,
+    /// At most `burst` requests in any window of `burst / requestsPerSecond` seconds.
+    SlidingWindow,
 }
 
 /// One rate.
@@ -468,12 +478,36 @@ pub struct RateLimitSpec {
 pub struct RateSpec {
     /// Sustained rate.
     pub requests_per_second: f64,
-    /// Burst size.
+    /// Burst size; default: the rate rounded up (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
-    /// Client key (per-client only): `{clientIp: {}}` or `{header: NAME}`.
+    /// Client key (per-client only); default the client IP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<serde_json::Map<String, serde_json::Value>>,
+    pub key: Option<ClientKeySpec>,
+    /// Most client keys tracked at once (per-client only); default 100000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<u32>,
+}
+
+/// What identifies a client: `{clientIp: {}}` or `{header: X-Api-Key}`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientKeySpec {
+    /// The client address (through `forwarding.trustedProxies`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<ClientIpKeySpec>,
+    /// A request header; requests without it fall back to the client address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+}
+
+/// Client-address keying.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientIpKeySpec {
+    /// IPv6 clients are grouped by this prefix length; default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u8>,
 }
 
 /// Response cache.

@@ -21,6 +21,9 @@ pub enum ProxyError {
     /// is when to try again, in seconds (until the next breaker probe).
     #[error("no endpoint available")]
     NoEndpoint(u64),
+    /// A rate limit refused the request; the headers tell the client when to come back.
+    #[error("rate limited")]
+    RateLimited(Vec<(&'static str, String)>),
     /// An overload limit (`overload.*`) refused the request.
     #[error("overloaded: {0} reached")]
     Overloaded(&'static str),
@@ -83,6 +86,7 @@ impl ProxyError {
             ProxyError::ClientBody | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -101,6 +105,7 @@ impl ProxyError {
             ProxyError::ClientBody => "client_body",
             ProxyError::BodyTooLarge(_) => "body_too_large",
             ProxyError::UriTooLong => "uri_too_long",
+            ProxyError::RateLimited(_) => "rate_limited",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::UpgradeFailed(_) => "upgrade_failed",
             ProxyError::Draining => "draining",
@@ -141,6 +146,13 @@ impl ProxyError {
             }
             ProxyError::Draining => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::RateLimited(fields) => {
+                for (name, value) in fields {
+                    if let Ok(value) = HeaderValue::from_str(value) {
+                        headers.insert(*name, value);
+                    }
+                }
             }
             _ => {}
         }

@@ -25,6 +25,7 @@ use super::error::{MAX_URI_BYTES, ProxyError};
 use super::headers::{self, ClientSide, PeerHeaders};
 use super::pool::{ConnectError, PoolReturn, SendError};
 use super::websocket;
+use crate::ratelimit::policy::client_ip;
 use crate::resilience::breaker::{BreakerState, Permit};
 use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
 use bytes::Bytes;
@@ -168,6 +169,23 @@ async fn forward<'p>(
         Ok(a) => a,
         Err(e) => return fail(e, None, 0),
     };
+    if let Some(limits) = &policy.rate_limits {
+        let ip = client_ip(
+            conn.peer_headers.ip,
+            req.headers(),
+            &config.forwarding.trusted_proxies,
+        );
+        if let Err(refusal) = limits.check(ip, req.headers()) {
+            policy
+                .metrics
+                .rate_limit_rejected
+                .with_label_values(&[policy.label.as_str(), refusal.scope.as_str()])
+                .inc();
+            if !limits.dry_run {
+                return fail(ProxyError::RateLimited(refusal.headers), None, 0);
+            }
+        }
+    }
     let limit = config.limits.max_request_body_bytes;
     if let Some(length) = content_length(&req) {
         if length > limit {

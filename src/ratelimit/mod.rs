@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 pub mod headers;
 pub mod keyed;
+pub mod policy;
 pub mod sliding_window;
 pub mod token_bucket;
 
