@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod endpoint;
