@@ -127,6 +127,14 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers: the fixed list and every header `Connection` names.
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (WebSocket handshakes).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one scan of the (few) names present is cheaper than nine
+    // hashed removals.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         if let Ok(text) = value.to_str() {
