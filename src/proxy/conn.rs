@@ -119,6 +119,11 @@ pin_project! {
         inner: S,
         #[pin]
         timer: Sleep,
+        // The deadline in force and the instant the timer is armed for: extending a deadline
+        // only moves `deadline`, and the timer is re-armed when it fires early, so the common
+        // request cycle touches the timer wheel not at all.
+        deadline: Instant,
+        armed: Instant,
         shared: Arc<ConnShared>,
         phase: Phase,
         seen_started: u64,
@@ -133,9 +138,12 @@ pin_project! {
 impl<S> ConnIo<S> {
     /// Wraps a freshly accepted stream.
     pub fn new(inner: S, shared: Arc<ConnShared>, idle: Duration, header: Duration) -> Self {
+        let now = Instant::now();
         Self {
             inner,
-            timer: tokio::time::sleep_until(Instant::now() + idle),
+            timer: tokio::time::sleep_until(now + idle),
+            deadline: now + idle,
+            armed: now + idle,
             shared,
             phase: Phase::Idle,
             seen_started: 0,
@@ -170,7 +178,12 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
             // The last request finished: the keep-alive idle clock starts now.
             *this.phase = Phase::Idle;
             *this.seen_started = started;
-            this.timer.as_mut().reset(Instant::now() + *this.idle);
+            set_deadline(
+                this.timer.as_mut(),
+                this.armed,
+                this.deadline,
+                Instant::now() + *this.idle,
+            );
             this.heads.resync(started);
         }
         let before = buf.filled().len();
@@ -188,8 +201,19 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
                     if shared.http2.load(Ordering::Acquire) {
                         return result;
                     }
-                    *this.phase = Phase::ReadingHead;
-                    this.timer.as_mut().reset(Instant::now() + *this.header);
+                    this.heads.feed(&buf.filled()[before..], shared);
+                    // A head that arrived whole is served at once: only a partial one needs the
+                    // (shorter) head deadline.
+                    if this.heads.head_incomplete() {
+                        *this.phase = Phase::ReadingHead;
+                        set_deadline(
+                            this.timer.as_mut(),
+                            this.armed,
+                            this.deadline,
+                            Instant::now() + *this.header,
+                        );
+                    }
+                    return result;
                 }
                 if !shared.http2.load(Ordering::Acquire) {
                     this.heads.feed(&buf.filled()[before..], shared);
@@ -207,8 +231,16 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
             }
             return Poll::Pending;
         }
-        if this.timer.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
+        loop {
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired: real expiry, or the armed instant of a deadline that was since extended.
+            if Instant::now() >= *this.deadline {
+                break;
+            }
+            *this.armed = *this.deadline;
+            this.timer.as_mut().reset(*this.deadline);
         }
         // A deadline passed with no request in progress.
         *this.timed_out = true;
@@ -303,7 +335,21 @@ enum Track {
     Lost,
 }
 
+/// Moves the deadline; the timer is re-armed only when the deadline comes earlier than it.
+fn set_deadline(timer: Pin<&mut Sleep>, armed: &mut Instant, deadline: &mut Instant, at: Instant) {
+    *deadline = at;
+    if at < *armed {
+        *armed = at;
+        timer.reset(at);
+    }
+}
+
 impl HeadTracker {
+    /// Whether a request head has begun but not ended (or the stream cannot be followed).
+    fn head_incomplete(&self) -> bool {
+        self.state == Track::Lost || !self.pending.is_empty()
+    }
+
     /// Back in step after every request in flight finished.
     fn resync(&mut self, requests_started: u64) {
         if self.state == Track::Lost || self.heads != requests_started {
