@@ -298,13 +298,8 @@ async fn peak_ewma_avoids_the_endpoint_holding_requests() {
 
 #[tokio::test]
 async fn every_endpoint_refusing_answers_502_connect_refused() {
-    // Ports that were just free: bound, noted, released. Nothing listens there now.
-    let refusing: Vec<SocketAddr> = (0..2)
-        .map(|_| {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            listener.local_addr().expect("addr")
-        })
-        .collect();
+    // Bound but never listening: refused for the rest of the run, and no other test can take them.
+    let refusing: Vec<SocketAddr> = (0..2).map(|_| support::refusing_addr()).collect();
     let proxy = TestProxy::start(&policy(
         "refused",
         &[("a", refusing[0]), ("b", refusing[1])],

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use support::{
-    Answer, Backend, Handler, KillableBackend, TestProxy, eventually, free_port, get, http1_client,
+    Answer, Backend, Handler, KillableBackend, TestProxy, eventually, get, http1_client,
     metric_sum, ok, policy, send, status,
 };
 
@@ -58,10 +58,7 @@ fn header<'a>(answer: &'a Answer, name: &str) -> Option<&'a str> {
     answer.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// A loopback address nothing listens on: a port that was just free (bound, noted, released).
-fn refusing_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
+use support::refusing_addr;
 
 /// A backend that answers every request with `code`.
 async fn always(code: u16) -> Backend {

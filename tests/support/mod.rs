@@ -476,3 +476,21 @@ impl Drop for KillableBackend {
         self.task.abort();
     }
 }
+
+/// A loopback address that refuses connections for the rest of the test process: the port is
+/// bound (so no other test's listener can take it) but never listened on, so every connect is
+/// answered with a reset. The socket is deliberately kept open until the process exits.
+pub fn refusing_addr() -> SocketAddr {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let addr = socket
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("an IP socket");
+    std::mem::forget(socket);
+    addr
+}
