@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -25,6 +25,7 @@ use crate::proxy::handler::ProxyState;
 use crate::proxy::listener::{BindError, Listeners};
 use crate::resilience::health::{HealthCheckers, HealthTarget};
 use crate::snapshot::{BuildError, Resolutions, Snapshot, SnapshotBuilder};
+use crate::sync::lock;
 
 /// How long one DNS lookup may take before the previous addresses are kept.
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -228,13 +229,6 @@ impl RunningProxy {
         self.state.shutdown.cancel();
         self.admin_stop.cancel();
         tracing::info!("shutdown complete");
-    }
-}
-
-fn lock(listeners: &Mutex<Listeners>) -> MutexGuard<'_, Listeners> {
-    match listeners.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

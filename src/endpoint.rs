@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::resilience::breaker::{
     Breaker, BreakerConfig, BreakerState, Transition, TransitionReason,
 };
+use crate::sync::shared_entry;
 
 /// How long an idle endpoint's latency estimate takes to decay (PeakEWMA's time constant).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -346,18 +347,9 @@ impl EndpointRegistry {
     /// The state for `key`, shared with any live snapshot, or fresh state if none holds it.
     /// Called only while building a snapshot, never on the request path.
     pub fn get_or_create(&self, key: EndpointKey) -> Arc<EndpointState> {
-        let mut states = match self.states.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(existing) = states.get(&key).and_then(Weak::upgrade) {
-            return existing;
-        }
-        let state = Arc::new(EndpointState::new(key.clone(), &self.metrics));
-        states.insert(key, Arc::downgrade(&state));
-        // Forget entries no snapshot holds any more.
-        states.retain(|_, weak| weak.strong_count() > 0);
-        state
+        shared_entry(&self.states, key.clone(), || {
+            EndpointState::new(key, &self.metrics)
+        })
     }
 }
 

@@ -16,3 +16,4 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod resilience;
 pub mod snapshot;
+mod sync;

@@ -2,7 +2,6 @@
 //! endpoints' shared state, upstream clients, TLS acceptors and pre-resolved metric handles.
 
 use std::collections::HashMap;
-use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -22,6 +21,7 @@ use crate::ratelimit::policy::PolicyLimits;
 use crate::resilience::backoff::{Backoff, JitterMode};
 use crate::resilience::breaker::{BreakerConfig, BreakerState};
 use crate::resilience::budget::{DEFAULT_TTL, RetryBudget};
+use crate::sync::{shared_entry, try_increment_below, try_shared_entry};
 
 /// Addresses found for backends whose endpoints are discovered at run time (DNS, Kubernetes),
 /// keyed by policy and backend name.
@@ -128,12 +128,7 @@ pub struct PolicyState {
 impl PolicyState {
     /// Takes a slot under `overload.maxConcurrentRequests`; `None` when all are taken.
     pub fn enter(self: &Arc<Self>, max: u32) -> Option<ConcurrencySlot> {
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ConcurrencySlot(Arc::clone(self)))
+        try_increment_below(&self.in_flight, max).then(|| ConcurrencySlot(Arc::clone(self)))
     }
 }
 
@@ -158,11 +153,7 @@ pub struct EjectionBudget {
 impl EjectionBudget {
     /// Grants one more ejection if the cap allows it.
     pub fn try_eject(&self) -> bool {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok()
+        try_increment_below(&self.open, self.max)
     }
 
     /// One ejected endpoint closed again.
@@ -277,9 +268,10 @@ impl SnapshotBuilder {
                 // Settings are compared by their rendering: equal settings share the limiters
                 // (and so the clients' state) across reloads.
                 let key = (config.id.clone(), format!("{limits:?}"));
-                let built = PolicyLimits::try_new(limits)
-                    .map_err(|e| fail("spec.rateLimit".to_owned(), e.to_string()))?;
-                Some(shared_entry(&self.limits, key, || built))
+                Some(
+                    try_shared_entry(&self.limits, key, || PolicyLimits::try_new(limits))
+                        .map_err(|e| fail("spec.rateLimit".to_owned(), e.to_string()))?,
+                )
             }
         };
         let mut endpoints = Vec::new();
@@ -353,24 +345,4 @@ impl SnapshotBuilder {
             metrics: Arc::clone(&self.metrics),
         })
     }
-}
-
-/// The live value for `key`, or a new one from `make` (kept weakly, so it lives exactly as long
-/// as some snapshot uses it).
-fn shared_entry<K: Eq + Hash, V>(
-    map: &Mutex<HashMap<K, Weak<V>>>,
-    key: K,
-    make: impl FnOnce() -> V,
-) -> Arc<V> {
-    let mut map = match map.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
-        return existing;
-    }
-    let value = Arc::new(make());
-    map.retain(|_, weak| weak.strong_count() > 0);
-    map.insert(key, Arc::downgrade(&value));
-    value
 }

@@ -1,13 +1,14 @@
 //! Request coalescing: concurrent misses for one key make one backend request, whose outcome
 //! the others wait for.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
@@ -193,9 +194,4 @@ impl fmt::Debug for Follower {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Follower").finish_non_exhaustive()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The map is updated in single calls that do not panic, so a poisoned shard is consistent.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -1,10 +1,11 @@
 //! The bounded entry table: sharded by URL, least-recently-used eviction by entry count and
 //! bytes within each shard.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use http::HeaderMap;
 
@@ -309,11 +310,6 @@ impl Shard {
         }
         self.head = i;
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Shard updates do not panic between their steps, so a poisoned shard is still consistent.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use super::websocket;
 use crate::ratelimit::policy::client_ip;
 use crate::resilience::breaker::{BreakerState, Permit};
 use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
+use crate::sync::try_increment_below;
 use bytes::Bytes;
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -187,7 +188,7 @@ async fn forward<'p>(
         }
     }
     let limit = config.limits.max_request_body_bytes;
-    if let Some(length) = content_length(&req) {
+    if let Some(length) = content_length_of(req.headers()) {
         if length > limit {
             return fail(ProxyError::BodyTooLarge(limit), None, 0);
         }
@@ -522,12 +523,7 @@ struct CountGuard<'a>(&'a AtomicU32);
 
 impl<'a> CountGuard<'a> {
     fn try_new(counter: &'a AtomicU32, max: u32) -> Option<Self> {
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| CountGuard(counter))
+        try_increment_below(counter, max).then_some(CountGuard(counter))
     }
 }
 
@@ -711,13 +707,6 @@ fn content_length_of(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
-}
-
-fn content_length<B>(req: &Request<B>) -> Option<u64> {
-    req.headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v: &HeaderValue| v.to_str().ok())
         .and_then(|s| s.parse().ok())
 }
 

@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use super::body::RequestBody;
 use super::tls::{TlsError, client_config};
 use crate::config::compile::UpstreamTls;
 use crate::config::spec::UpstreamProtocol;
+use crate::sync::{lock, try_shared_entry};
 
 /// How long an unused upstream connection stays pooled. Shorter than common backend keep-alive
 /// timeouts (60 s nginx, 75 s Envoy) so the proxy, not the backend, closes idle connections,
@@ -340,13 +341,6 @@ fn connect_error(err: io::Error) -> ConnectError {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
-
 /// Pools and TLS configurations shared across snapshots.
 #[derive(Default)]
 pub struct PoolCache {
@@ -362,9 +356,14 @@ impl PoolCache {
         settings: &ConnSettings,
     ) -> Result<Arc<EndpointPool>, TlsError> {
         let key = (authority.to_owned(), settings.clone());
-        if let Some(existing) = lock(&self.pools).get(&key).and_then(Weak::upgrade) {
-            return Ok(existing);
-        }
+        try_shared_entry(&self.pools, key, || self.build_pool(authority, settings))
+    }
+
+    fn build_pool(
+        &self,
+        authority: &str,
+        settings: &ConnSettings,
+    ) -> Result<EndpointPool, TlsError> {
         let http2 = settings.protocol == UpstreamProtocol::H2;
         let tls = match &settings.tls {
             None => None,
@@ -385,7 +384,7 @@ impl PoolCache {
                 Some((TlsConnector::from(Arc::new(config)), name))
             }
         };
-        let pool = Arc::new(EndpointPool {
+        Ok(EndpointPool {
             authority: authority.to_owned(),
             tls,
             http2,
@@ -393,21 +392,13 @@ impl PoolCache {
             idle: Mutex::new(Vec::new()),
             shared_h2: Mutex::new(None),
             open: Arc::new(AtomicUsize::new(0)),
-        });
-        let mut pools = lock(&self.pools);
-        pools.retain(|_, weak| weak.strong_count() > 0);
-        pools.insert(key, Arc::downgrade(&pool));
-        Ok(pool)
+        })
     }
 
     fn tls_config(&self, tls: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
-        let key = tls.ca_file.clone();
-        if let Some(existing) = lock(&self.tls).get(&key).and_then(Weak::upgrade) {
-            return Ok(existing);
-        }
-        let config = Arc::new(client_config(tls.ca_file.as_deref())?);
-        lock(&self.tls).insert(key, Arc::downgrade(&config));
-        Ok(config)
+        try_shared_entry(&self.tls, tls.ca_file.clone(), || {
+            client_config(tls.ca_file.as_deref())
+        })
     }
 }
 

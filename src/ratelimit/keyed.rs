@@ -39,12 +39,13 @@
 //! admission in its window), the key (header keys are capped at [`MAX_HEADER_KEY_BYTES`] by
 //! [`ClientKey::header`]) and roughly 100 bytes of bookkeeping (map entry, LRU links, `Arc`).
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::time::Instant;
 
@@ -367,12 +368,6 @@ impl<L> Shard<L> {
         }
         self.head = i;
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Shard operations do not panic between the steps of an update (the limiters they call do
-    // not panic either), so a poisoned shard is still consistent: keep serving it.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn hex_digit(nibble: u8) -> u8 {

@@ -6,7 +6,9 @@
 //! checker is stopped can never overwrite the reset to [`Health::Unknown`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use crate::sync::lock;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use http::header::{HOST, USER_AGENT};
@@ -487,13 +489,6 @@ fn scaled(duration: Duration, factor: f64) -> Duration {
 
 fn later(from: Instant, wait: Duration) -> Instant {
     from.checked_add(wait.min(MAX_WAIT)).unwrap_or(from)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 #[cfg(test)]
