@@ -275,6 +275,9 @@ impl Controller {
             }
             // Idle rate-limit keys go too; the table size and evictions become metrics.
             for policy in &snapshot.policies {
+                if let Some(cache) = &policy.cache {
+                    cache.report();
+                }
                 if let Some((keys, evicted)) = policy.rate_limits.as_ref().and_then(|l| l.sweep()) {
                     let label = [policy.label.as_str()];
                     self.metrics

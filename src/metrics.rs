@@ -57,6 +57,20 @@ pub struct Metrics {
     pub websocket_sessions_active: IntGaugeVec,
     /// WebSocket sessions started, by policy.
     pub websocket_sessions: IntCounterVec,
+    /// Requests answered from the response cache (`x-cache: HIT`), by policy.
+    pub cache_hits: IntCounterVec,
+    /// Cacheable requests the backend had to answer (`x-cache: MISS`), by policy.
+    pub cache_misses: IntCounterVec,
+    /// Stale responses served because the backend failed (`x-cache: STALE`), by policy.
+    pub cache_stale_served: IntCounterVec,
+    /// Hits that waited for another request's fetch of the same URL, by policy.
+    pub cache_coalesced: IntCounterVec,
+    /// Entries evicted to make room, by policy.
+    pub cache_evictions: IntCounterVec,
+    /// Entries held, by policy.
+    pub cache_entries: IntGaugeVec,
+    /// Bytes held (bodies, headers and bookkeeping), by policy.
+    pub cache_bytes: IntGaugeVec,
     /// Configurations applied (the first load included).
     pub config_reloads: IntCounter,
     /// Configurations rejected; the last good one kept serving.
@@ -188,6 +202,37 @@ impl Metrics {
                 "WebSocket sessions established.",
                 &["policy"],
             )?,
+            cache_hits: counter_vec(
+                "cache_hits_total",
+                "Requests answered from the response cache.",
+                &["policy"],
+            )?,
+            cache_misses: counter_vec(
+                "cache_misses_total",
+                "Cacheable requests the backend had to answer.",
+                &["policy"],
+            )?,
+            cache_stale_served: counter_vec(
+                "cache_stale_served_total",
+                "Stale cached responses served because the backend failed.",
+                &["policy"],
+            )?,
+            cache_coalesced: counter_vec(
+                "cache_coalesced_total",
+                "Cache hits that waited for a concurrent request's fetch of the same URL.",
+                &["policy"],
+            )?,
+            cache_evictions: counter_vec(
+                "cache_evictions_total",
+                "Cached responses evicted to make room.",
+                &["policy"],
+            )?,
+            cache_entries: gauge_vec("cache_entries", "Cached responses held.", &["policy"])?,
+            cache_bytes: gauge_vec(
+                "cache_bytes",
+                "Bytes held by the response cache.",
+                &["policy"],
+            )?,
             config_reloads: {
                 let c = IntCounter::new("config_reloads_total", "Configurations applied.")?;
                 registry.register(Box::new(c.clone()))?;
@@ -223,7 +268,14 @@ impl Metrics {
         let mut declared = Vec::new();
         {
             use prometheus::core::Collector;
-            let families: [(&dyn Collector, &'static str); 18] = [
+            let families: [(&dyn Collector, &'static str); 25] = [
+                (&metrics.cache_hits, "counter"),
+                (&metrics.cache_misses, "counter"),
+                (&metrics.cache_stale_served, "counter"),
+                (&metrics.cache_coalesced, "counter"),
+                (&metrics.cache_evictions, "counter"),
+                (&metrics.cache_entries, "gauge"),
+                (&metrics.cache_bytes, "gauge"),
                 (&metrics.rate_limit_keys, "gauge"),
                 (&metrics.rate_limit_key_evictions, "counter"),
                 (&metrics.circuit_breaker_transitions, "counter"),
@@ -349,5 +401,39 @@ impl BackendMetrics {
             ])
         })
         .inc();
+    }
+}
+
+/// Pre-resolved per-policy cache handles.
+pub struct CacheMetrics {
+    /// `cache_hits_total` for the policy.
+    pub hits: IntCounter,
+    /// `cache_misses_total` for the policy.
+    pub misses: IntCounter,
+    /// `cache_stale_served_total` for the policy.
+    pub stale_served: IntCounter,
+    /// `cache_coalesced_total` for the policy.
+    pub coalesced: IntCounter,
+    /// `cache_evictions_total` for the policy.
+    pub evictions: IntCounter,
+    /// `cache_entries` for the policy.
+    pub entries: IntGauge,
+    /// `cache_bytes` for the policy.
+    pub bytes: IntGauge,
+}
+
+impl CacheMetrics {
+    /// Resolves the handles for `policy`.
+    pub fn new(metrics: &Metrics, policy: &str) -> Self {
+        let label = [policy];
+        Self {
+            hits: metrics.cache_hits.with_label_values(&label),
+            misses: metrics.cache_misses.with_label_values(&label),
+            stale_served: metrics.cache_stale_served.with_label_values(&label),
+            coalesced: metrics.cache_coalesced.with_label_values(&label),
+            evictions: metrics.cache_evictions.with_label_values(&label),
+            entries: metrics.cache_entries.with_label_values(&label),
+            bytes: metrics.cache_bytes.with_label_values(&label),
+        }
     }
 }

@@ -3,18 +3,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use http::uri::Authority;
 use tokio_rustls::TlsAcceptor;
 
 use crate::balance::{Balancer, Candidate};
-use crate::config::compile::{BackendTarget, PolicyConfig};
+use crate::cache::{Cache, CacheConfig, CacheError};
+use crate::config::compile::{BackendTarget, CacheSettings, PolicyConfig};
 use crate::config::spec::Jitter;
 use crate::config::{FieldError, PolicyId};
 use crate::endpoint::{EndpointKey, EndpointRegistry, EndpointState};
-use crate::metrics::{BackendMetrics, Metrics};
+use crate::metrics::{BackendMetrics, CacheMetrics, Metrics};
 use crate::proxy::pool::{ConnSettings, EndpointPool, PoolCache};
 use crate::proxy::tls;
 use crate::ratelimit::policy::PolicyLimits;
@@ -86,8 +87,53 @@ pub struct PolicyRuntime {
     pub shared: Arc<PolicyState>,
     /// Rate limits (shared across snapshots while their settings stay the same).
     pub rate_limits: Option<Arc<PolicyLimits>>,
+    /// The response cache (shared across snapshots while its settings stay the same).
+    pub cache: Option<Arc<PolicyCache>>,
     /// The metric families (for rare-path label lookups).
     pub metrics: Arc<Metrics>,
+}
+
+/// A policy's response cache with its metric handles.
+pub struct PolicyCache {
+    /// The stored responses.
+    pub cache: Cache,
+    /// Pre-resolved metric handles.
+    pub metrics: CacheMetrics,
+    /// Evictions already added to `cache_evictions_total`.
+    reported_evictions: AtomicU64,
+}
+
+impl PolicyCache {
+    fn try_new(settings: &CacheSettings, metrics: CacheMetrics) -> Result<Self, CacheError> {
+        let cache = Cache::try_new(CacheConfig {
+            max_entries: settings.max_entries,
+            max_bytes: settings.max_bytes,
+            max_object_bytes: settings.max_object_bytes,
+            stale_if_error: settings.stale_if_error,
+        })?;
+        Ok(Self {
+            cache,
+            metrics,
+            reported_evictions: AtomicU64::new(0),
+        })
+    }
+
+    /// Brings the size gauges and the eviction counter up to date (off the request path).
+    pub fn report(&self) {
+        let stats = self.cache.stats();
+        self.metrics
+            .entries
+            .set(i64::try_from(stats.entries).unwrap_or(i64::MAX));
+        self.metrics
+            .bytes
+            .set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
+        let before = self
+            .reported_evictions
+            .swap(stats.evictions, Ordering::Relaxed);
+        self.metrics
+            .evictions
+            .inc_by(stats.evictions.saturating_sub(before));
+    }
 }
 
 /// One endpoint as the request path sees it.
@@ -182,6 +228,7 @@ pub struct SnapshotBuilder {
     policy_states: Mutex<HashMap<PolicyId, Weak<PolicyState>>>,
     budgets: Mutex<HashMap<(PolicyId, u64, u32), Weak<RetryBudget>>>,
     limits: Mutex<HashMap<(PolicyId, String), Weak<PolicyLimits>>>,
+    caches: Mutex<HashMap<(PolicyId, String), Weak<PolicyCache>>>,
 }
 
 impl SnapshotBuilder {
@@ -193,6 +240,7 @@ impl SnapshotBuilder {
             policy_states: Mutex::new(HashMap::new()),
             budgets: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
+            caches: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -274,6 +322,19 @@ impl SnapshotBuilder {
                 )
             }
         };
+        let cache = match &config.cache {
+            None => None,
+            Some(settings) => {
+                // As for rate limits: equal settings keep the stored responses across reloads.
+                let key = (config.id.clone(), format!("{settings:?}"));
+                Some(
+                    try_shared_entry(&self.caches, key, || {
+                        PolicyCache::try_new(settings, CacheMetrics::new(&self.metrics, &label))
+                    })
+                    .map_err(|e| fail("spec.cache".to_owned(), e.to_string()))?,
+                )
+            }
+        };
         let mut endpoints = Vec::new();
         let mut weights = Vec::new();
         for (index, backend) in config.backends.iter().enumerate() {
@@ -336,6 +397,7 @@ impl SnapshotBuilder {
             backoff,
             shared,
             rate_limits,
+            cache,
             balancer: Balancer::new(config.algorithm, &weights),
             unrouted_metrics: BackendMetrics::unrouted(&self.metrics, &label),
             label,

@@ -17,7 +17,7 @@ use super::resilience::{
     self, CircuitBreakerConfig, HealthCheckConfig, OverloadConfig, RateLimitConfig, RetryConfig,
 };
 use super::spec::{
-    API_VERSION, Algorithm, BackendSpec, KIND, PolicyDocument, PortRef, Quantity,
+    API_VERSION, Algorithm, BackendSpec, CacheSpec, KIND, PolicyDocument, PortRef, Quantity,
     ResiliencePolicySpec, UpstreamProtocol,
 };
 use super::units::{format_duration, parse_duration, parse_size};
@@ -67,6 +67,23 @@ pub struct PolicyConfig {
     pub health_check: Option<HealthCheckConfig>,
     /// Rate limits (off when absent).
     pub rate_limit: Option<RateLimitConfig>,
+    /// Response cache (off when absent).
+    pub cache: Option<CacheSettings>,
+}
+
+/// Compiled response-cache bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSettings {
+    /// Most entries (variants count separately).
+    pub max_entries: u64,
+    /// Most bytes held, bodies, headers and bookkeeping together.
+    pub max_bytes: u64,
+    /// Larger bodies are streamed through but not stored.
+    pub max_object_bytes: u64,
+    /// How long past expiry a stored response may stand in for a failed backend.
+    #[serde(serialize_with = "serialize_duration")]
+    pub stale_if_error: Duration,
 }
 
 /// A listener address and its optional TLS files.
@@ -384,15 +401,44 @@ impl Ctx<'_> {
             },
         }
     }
+}
 
-    fn unsupported<T>(&mut self, path: &str, value: &Option<T>, issue: &str) {
-        if value.is_some() {
-            self.error(
-                path,
-                format!("not supported yet ({issue}); remove it so nothing is silently ignored"),
-            );
-        }
+/// The cache is off unless `enabled: true`; bounds default to DESIGN's 10,000 entries, 64 MiB
+/// and 1 MiB per object.
+fn compile_cache(ctx: &mut Ctx<'_>, spec: Option<&CacheSpec>) -> Option<CacheSettings> {
+    let spec = spec?;
+    let max_entries = spec.max_entries.unwrap_or(10_000);
+    if max_entries == 0 {
+        ctx.error("spec.cache.maxEntries", "must be at least 1");
     }
+    let max_bytes = ctx.size("spec.cache.maxBytes", spec.max_bytes.as_ref(), 64 << 20);
+    if max_bytes == 0 {
+        ctx.error("spec.cache.maxBytes", "must be at least 1");
+    }
+    let max_object_bytes = ctx.size(
+        "spec.cache.maxObjectBytes",
+        spec.max_object_bytes.as_ref(),
+        (1 << 20u64).min(max_bytes.max(1)),
+    );
+    if max_object_bytes == 0 {
+        ctx.error("spec.cache.maxObjectBytes", "must be at least 1");
+    } else if max_object_bytes > max_bytes {
+        ctx.error(
+            "spec.cache.maxObjectBytes",
+            format!("{max_object_bytes} is larger than spec.cache.maxBytes ({max_bytes})"),
+        );
+    }
+    let stale_if_error = ctx.duration(
+        "spec.cache.staleIfError",
+        spec.stale_if_error.as_ref(),
+        Duration::ZERO,
+    );
+    spec.enabled.unwrap_or(false).then_some(CacheSettings {
+        max_entries,
+        max_bytes,
+        max_object_bytes,
+        stale_if_error,
+    })
 }
 
 fn compile_spec(
@@ -430,11 +476,7 @@ fn compile_spec(
             }
         }
     }
-    ctx.unsupported(
-        "spec.cache",
-        &spec.cache,
-        "the response cache lands with traffic control",
-    );
+    let cache = compile_cache(ctx, spec.cache.as_ref());
     let retry = resilience::compile_retry(ctx, spec.retry.as_ref());
     let circuit_breaker = resilience::compile_breaker(ctx, spec.circuit_breaker.as_ref());
     let overload = resilience::compile_overload(ctx, spec.overload.as_ref());
@@ -454,6 +496,7 @@ fn compile_spec(
         overload,
         health_check,
         rate_limit,
+        cache,
     }
 }
 

@@ -142,7 +142,7 @@ mod tests {
     #[test]
     fn every_bad_field_is_reported_with_its_path() {
         let yaml = format!(
-            "{HEAD}metadata: {{name: bad}}\nspec:\n  backends:\n    - {{name: a, url: \"http://127.0.0.1:1\"}}\n    - {{name: b, url: \"ftp://x\"}}\n  timeouts: {{connect: banana, perTry: 20s, request: 10s}}\n  retry: {{maxAttempts: 0, backoff: {{multiplier: 0.5}}}}\n  circuitBreaker: {{failureRatio: 1.5, maxEjectionPercent: 101}}\n  healthCheck: {{path: healthz, expectedStatuses: [\"200-199\"]}}\n  rateLimit: {{perClient: {{requestsPerSecond: 0, key: {{header: \"bad header\"}}}}}}\n  cache: {{enabled: true}}\n"
+            "{HEAD}metadata: {{name: bad}}\nspec:\n  backends:\n    - {{name: a, url: \"http://127.0.0.1:1\"}}\n    - {{name: b, url: \"ftp://x\"}}\n  timeouts: {{connect: banana, perTry: 20s, request: 10s}}\n  retry: {{maxAttempts: 0, backoff: {{multiplier: 0.5}}}}\n  circuitBreaker: {{failureRatio: 1.5, maxEjectionPercent: 101}}\n  healthCheck: {{path: healthz, expectedStatuses: [\"200-199\"]}}\n  rateLimit: {{perClient: {{requestsPerSecond: 0, key: {{header: \"bad header\"}}}}}}\n  cache: {{enabled: true, maxBytes: 1Ki, maxObjectBytes: 2Ki, staleIfError: soon}}\n"
         );
         let errors = errors_of(&yaml);
         for expected in [
@@ -157,7 +157,8 @@ mod tests {
             "spec.healthCheck.expectedStatuses[0]",
             "spec.rateLimit.perClient.requestsPerSecond",
             "spec.rateLimit.perClient.key.header: invalid header name",
-            "spec.cache: not supported yet",
+            "spec.cache.maxObjectBytes: 2048 is larger than spec.cache.maxBytes (1024)",
+            "spec.cache.staleIfError: invalid duration",
         ] {
             assert!(
                 errors.iter().any(|e| e.starts_with(expected)),

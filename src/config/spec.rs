@@ -526,6 +526,10 @@ pub struct CacheSpec {
     /// Per-object byte bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_object_bytes: Option<Quantity>,
+    /// How long after expiry a stored response may still be served when the backend fails or
+    /// no endpoint is admissible (RFC 5861 `stale-if-error`); default `0s`, off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error: Option<String>,
 }
 
 /// WebSocket proxying.

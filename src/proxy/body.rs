@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::conn::ActiveRequest;
 use super::pool::PoolReturn;
+use crate::cache::{LeaderGuard, PendingEntry};
 use crate::endpoint::InFlightGuard;
 use crate::snapshot::ConcurrencySlot;
 
@@ -171,6 +172,44 @@ pin_project! {
         active: Option<ActiveRequest>,
         slot: Option<ConcurrencySlot>,
         pool_return: Option<PoolReturn>,
+        fill: Option<Box<CacheFill>>,
+    }
+}
+
+/// A response being copied into the cache as it streams to the client. Stored only when the
+/// body ends cleanly; the coalescing leader (if any) then hands the entry to its followers, and
+/// dropping the fill early (error, client gone) releases them to fetch for themselves.
+pub struct CacheFill {
+    pending: PendingEntry,
+    leader: Option<LeaderGuard>,
+}
+
+impl CacheFill {
+    /// Tees into `pending`, reporting to `leader` at the end.
+    pub fn new(pending: PendingEntry, leader: Option<LeaderGuard>) -> Self {
+        Self { pending, leader }
+    }
+
+    /// Feeds a data chunk; false when the entry was given up (grew past the object cap).
+    fn push(&mut self, data: &Bytes) -> bool {
+        self.pending.push(data)
+    }
+
+    /// The body ended cleanly: store the entry and tell the followers.
+    fn finish(self) {
+        let Self { pending, leader } = self;
+        match (pending.finish(), leader) {
+            (Ok(entry), Some(leader)) => leader.stored(entry),
+            (Err(_), Some(leader)) => leader.not_stored(),
+            (_, None) => {}
+        }
+    }
+
+    /// The entry cannot be stored: release the followers to fetch for themselves.
+    fn give_up(self) {
+        if let Some(leader) = self.leader {
+            leader.not_stored();
+        }
     }
 }
 
@@ -201,6 +240,7 @@ impl ResponseBody {
             active: None,
             slot: None,
             pool_return: None,
+            fill: None,
         }
     }
 
@@ -236,7 +276,26 @@ impl ResponseBody {
             active: None,
             slot: None,
             pool_return,
+            fill: None,
         }
+    }
+
+    /// Copies the body into the cache as it streams (see [`CacheFill`]).
+    pub fn with_cache_fill(mut self, fill: CacheFill) -> Self {
+        match &self.kind {
+            // A body written whole by the proxy, or already over: store it right away.
+            Kind::Full { data } => {
+                let mut fill = fill;
+                if data.as_ref().is_none_or(|d| fill.push(d)) {
+                    fill.finish();
+                } else {
+                    fill.give_up();
+                }
+            }
+            Kind::Upstream { inner, .. } if inner.is_end_stream() => fill.finish(),
+            Kind::Upstream { .. } => self.fill = Some(Box::new(fill)),
+        }
+        self
     }
 
     /// Keeps the request counted against the policy's concurrency limit until this body is done.
@@ -276,6 +335,13 @@ impl Body for ResponseBody {
                         if idle_timer.is_some() {
                             *last_progress = Instant::now();
                         }
+                        if let (Some(fill), Some(data)) = (this.fill.as_mut(), frame.data_ref()) {
+                            if !fill.push(data) {
+                                if let Some(fill) = this.fill.take() {
+                                    fill.give_up();
+                                }
+                            }
+                        }
                         // hyper stops polling once `is_end_stream` says so: a body of known
                         // length ends with its last data frame, not with a final `None`.
                         if inner.is_end_stream() {
@@ -283,16 +349,24 @@ impl Body for ResponseBody {
                             if let Some(ret) = this.pool_return.take() {
                                 ret.release();
                             }
+                            if let Some(fill) = this.fill.take() {
+                                fill.finish();
+                            }
                         }
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     Poll::Ready(Some(Err(err))) => {
+                        // A cut-short body is never stored; followers fetch for themselves.
+                        this.fill.take();
                         return Poll::Ready(Some(Err(ResponseBodyError::Upstream(err))));
                     }
                     Poll::Ready(None) => {
                         this.endpoint_guard.take();
                         if let Some(ret) = this.pool_return.take() {
                             ret.release();
+                        }
+                        if let Some(fill) = this.fill.take() {
+                            fill.finish();
                         }
                         return Poll::Ready(None);
                     }
@@ -306,6 +380,7 @@ impl Body for ResponseBody {
                     ready!(timer.as_mut().poll(cx));
                     let deadline = *last_progress + *idle;
                     if deadline <= Instant::now() {
+                        this.fill.take();
                         return Poll::Ready(Some(Err(ResponseBodyError::Idle)));
                     }
                     timer.as_mut().reset(deadline);

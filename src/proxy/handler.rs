@@ -2,17 +2,19 @@
 //!
 //! Order of work, top to bottom as a request flows (the one place it is written down):
 //! 1. take the current snapshot and find the listener's policy;
-//! 2. validate the head (framing, Host, body limit);
-//! 3. choose an endpoint (balancer → endpoint admissibility);
-//! 4. rewrite headers (hop-by-hop, forwarding, removals);
-//! 5. send with the per-try and total timeouts, through the pooled client;
-//! 6. classify any failure once ([`ProxyError`]), rewrite the response headers, stream the body.
+//! 2. validate the head (framing, Host, body limit), then rate limits;
+//! 3. answer from the response cache, or fetch through it ([`super::caching`]);
+//! 4. choose an endpoint (balancer → endpoint admissibility);
+//! 5. rewrite headers (hop-by-hop, forwarding, removals);
+//! 6. send with the per-try and total timeouts, through the pooled client;
+//! 7. classify any failure once ([`ProxyError`]), rewrite the response headers, stream the body.
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -24,7 +26,7 @@ use super::conn::{ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL};
 use super::error::{MAX_URI_BYTES, ProxyError};
 use super::headers::{self, ClientSide, PeerHeaders};
 use super::pool::{ConnectError, PoolReturn, SendError};
-use super::websocket;
+use super::{caching, websocket};
 use crate::ratelimit::policy::client_ip;
 use crate::resilience::breaker::{BreakerState, Permit};
 use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
@@ -59,10 +61,13 @@ pub struct ConnContext {
 }
 
 /// What happened to one request, for metrics and the access log.
-struct Outcome<'a> {
-    endpoint: Option<&'a RuntimeEndpoint>,
-    attempts: u32,
-    error: Option<ProxyError>,
+pub(super) struct Outcome<'a> {
+    /// The endpoint that answered (or failed last); `None` when none was reached.
+    pub(super) endpoint: Option<&'a RuntimeEndpoint>,
+    /// Attempts sent.
+    pub(super) attempts: u32,
+    /// The proxy's own error, if it answered with one.
+    pub(super) error: Option<ProxyError>,
 }
 
 /// Serves one request.
@@ -130,6 +135,23 @@ pub async fn handle(
     response.map(|b| b.with_active(active).with_slot(slot))
 }
 
+/// An error response and its outcome.
+pub(super) fn fail<'p>(
+    error: ProxyError,
+    endpoint: Option<&'p RuntimeEndpoint>,
+    attempts: u32,
+) -> (Response<ResponseBody>, Outcome<'p>) {
+    (
+        error.to_response(),
+        Outcome {
+            endpoint,
+            attempts,
+            error: Some(error),
+        },
+    )
+}
+
+/// Checks the request against the policy's limits, then answers it from the cache or sends it.
 async fn forward<'p>(
     state: &ProxyState,
     policy: &'p PolicyRuntime,
@@ -137,16 +159,6 @@ async fn forward<'p>(
     mut req: Request<Incoming>,
     seq: u64,
 ) -> (Response<ResponseBody>, Outcome<'p>) {
-    let fail = |error: ProxyError, endpoint: Option<&'p RuntimeEndpoint>, attempts: u32| {
-        (
-            error.to_response(),
-            Outcome {
-                endpoint,
-                attempts,
-                error: Some(error),
-            },
-        )
-    };
     let config = &policy.config;
     let flags = conn.shared.head_flags(seq);
     if flags & HEAD_CL_AND_TE != 0 {
@@ -196,16 +208,45 @@ async fn forward<'p>(
     let upgrade = config.websocket.enabled && headers::is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let (mut parts, body) = req.into_parts();
-    let client_version = parts.version;
-    let method = parts.method.clone();
-    let retry = &config.retry;
-    // A retry may resend only what it can reproduce: no body, or one small enough to keep.
-    let idempotent =
-        headers::is_idempotent(&method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
-    let mut body = if body.is_end_stream() {
+    let (parts, body) = req.into_parts();
+    if let Some(cache) = &policy.cache {
+        let host = authority.as_ref().map_or("", Authority::as_str);
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        if !upgrade && body.is_end_stream() {
+            if let Some(key) = crate::cache::lookup_key(&parts.method, host, path_and_query) {
+                return caching::serve(state, policy, conn, cache, key, parts, authority).await;
+            }
+        }
+        if !parts.method.is_safe() {
+            let method = parts.method.clone();
+            let (host, path_and_query) = (host.to_owned(), path_and_query.to_owned());
+            let (response, outcome) =
+                send(state, policy, conn, parts, body, authority, client_upgrade).await;
+            if outcome.error.is_none() && crate::cache::invalidates(&method, response.status()) {
+                cache.cache.invalidate(&host, &path_and_query);
+            }
+            return (response, outcome);
+        }
+    }
+    send(state, policy, conn, parts, body, authority, client_upgrade).await
+}
+
+/// Sends a checked request with the client's body (buffered for retries when small enough).
+async fn send<'p>(
+    state: &ProxyState,
+    policy: &'p PolicyRuntime,
+    conn: &ConnContext,
+    parts: http::request::Parts,
+    body: Incoming,
+    authority: Option<Authority>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> (Response<ResponseBody>, Outcome<'p>) {
+    let upgrade = client_upgrade.is_some();
+    let limit = policy.config.limits.max_request_body_bytes;
+    let body = if body.is_end_stream() {
         AttemptBody::Replayable(Bytes::new())
-    } else if content_length_of(&parts.headers).is_some_and(|n| n <= retry.max_replay_bytes)
+    } else if content_length_of(&parts.headers)
+        .is_some_and(|n| n <= policy.config.retry.max_replay_bytes)
         && !upgrade
     {
         match RequestBody::new(body, limit).collect().await {
@@ -218,6 +259,27 @@ async fn forward<'p>(
     } else {
         AttemptBody::Streaming(Some(RequestBody::new(body, limit)))
     };
+    dispatch(state, policy, conn, parts, body, authority, client_upgrade).await
+}
+
+/// Sends a request through the balancer, breakers and retries; streams the response back.
+pub(super) async fn dispatch<'p>(
+    state: &ProxyState,
+    policy: &'p PolicyRuntime,
+    conn: &ConnContext,
+    mut parts: http::request::Parts,
+    mut body: AttemptBody,
+    authority: Option<Authority>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> (Response<ResponseBody>, Outcome<'p>) {
+    let config = &policy.config;
+    let upgrade = client_upgrade.is_some();
+    let client_version = parts.version;
+    let method = parts.method.clone();
+    let retry = &config.retry;
+    // A retry may resend only what it can reproduce: no body, or one small enough to keep.
+    let idempotent =
+        headers::is_idempotent(&method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
     let client_side = ClientSide {
         peer: &conn.peer_headers,
         tls: conn.tls,
@@ -488,7 +550,7 @@ impl Tried {
 }
 
 /// A request body across attempts.
-enum AttemptBody {
+pub(super) enum AttemptBody {
     /// Kept in memory: every attempt sends a copy.
     Replayable(Bytes),
     /// Streamed from the client: only one attempt can send it (unless it comes back unsent).

@@ -2,6 +2,7 @@
 //! and WebSocket tunnels. Never depends on Kubernetes.
 
 pub mod body;
+mod caching;
 pub mod conn;
 pub mod error;
 pub mod handler;
