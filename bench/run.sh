@@ -129,10 +129,10 @@ trap 'exit 143' TERM
 # Ports: ask the kernel for free loopback ports (all held open at once so
 # they are distinct), then release them for our servers.
 # ---------------------------------------------------------------------------
-read -r BACKEND_PORT NGINX_PORT BW_PORT ADMIN_PORT < <(python3 - <<'PY'
+read -r BACKEND_PORT NGINX_PORT BW_PORT ADMIN_PORT NGINX_FWD_PORT < <(python3 - <<'PY'
 import socket
 socks = []
-for _ in range(4):
+for _ in range(5):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -141,7 +141,7 @@ for s in socks:
     s.close()
 PY
 )
-log "ports: backend=$BACKEND_PORT nginx-proxy=$NGINX_PORT breakwater=$BW_PORT admin=$ADMIN_PORT"
+log "ports: backend=$BACKEND_PORT nginx-proxy=$NGINX_PORT nginx-fwd=$NGINX_FWD_PORT breakwater=$BW_PORT admin=$ADMIN_PORT"
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -271,6 +271,24 @@ mkdir -p "$P/tmp"
             proxy_set_header Connection "";
         }
     }
+    # The same proxy doing the header work breakwater always does: X-Forwarded-*, RFC 7239
+    # Forwarded, Via both ways, the client's Host kept. This is the like-for-like peer.
+    server {
+        listen 127.0.0.1:$NGINX_FWD_PORT backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header X-Forwarded-Port \$server_port;
+            proxy_set_header Forwarded "for=\$remote_addr;host=\$host;proto=\$scheme";
+            proxy_set_header Via "1.1 nginx";
+            add_header Via "1.1 nginx";
+        }
+    }
 }
 EOF
 } >"$P/nginx.conf"
@@ -291,9 +309,12 @@ if [[ "$BASELINE" == 1 ]]; then
     PROXY_PID[backend]=$BACKEND_PID
     PROXY_PORT[backend]=$BACKEND_PORT
 fi
-PROXIES+=(nginx)
+PROXIES+=(nginx nginx-fwd)
 PROXY_PID[nginx]=$NGINX_PID
 PROXY_PORT[nginx]=$NGINX_PORT
+# One nginx process serves both peer configurations (two server blocks, one worker).
+PROXY_PID[nginx-fwd]=$NGINX_PID
+PROXY_PORT[nginx-fwd]=$NGINX_FWD_PORT
 BW_VERSION="(skipped)"
 
 if [[ "$ONLY_NGINX" != 1 ]]; then
@@ -402,7 +423,7 @@ HEADER="breakwater benchmark  $(date -u +%Y-%m-%dT%H:%M:%SZ)
 host: $(nproc) CPUs, $(uname -sr); $NGINX_VERSION; $WRK_VERSION
 breakwater: $BW_VERSION
 load: wrk -t$WRK_THREADS -c$CONNECTIONS -d${DURATION}s --latency, ${ROUNDS} interleaved round(s), warm-up ${WARMUP}s
-backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64) vs breakwater --workers 1
+backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64; nginx-fwd = the same adding breakwater's forwarding headers) vs breakwater --workers 1
 CPU: utime+stime from /proc (process + child processes), CLK_TCK=$CLK_TCK
 pinning: ${PIN_PROXY[*]:-none} for the proxies, ${PIN_LOAD[*]:-none} for backend and wrk"
 
@@ -471,12 +492,24 @@ for n in order:
     m = med[n]
     out.append(f"{n:<12}{m['rps']:>12.0f}{m['p50']:>10.3f}{m['p99']:>10.3f}{m['rpc']:>12.0f}"
                f"{m['cpu_s']:>8.2f}{m['rss_mib']:>14.1f}{m['errors']:>8d}")
-if "nginx" in med and "breakwater" in med:
-    a, b = med["breakwater"], med["nginx"]
+for peer in ("nginx", "nginx-fwd"):
+    if peer not in med or "breakwater" not in med:
+        continue
+    a, b = med["breakwater"], med[peer]
+    # Ratios within each round (the runs closest in time) are less exposed to drift in the
+    # machine's speed than the ratio of the medians; both are shown.
+    per_round = [
+        ra["rpc"] / rb["rpc"]
+        for ra in rows if ra["name"] == "breakwater"
+        for rb in rows if rb["name"] == peer and rb["round"] == ra["round"] and rb["rpc"] > 0
+    ]
+    label = f"breakwater/{peer}"
     out.append("")
-    out.append(f"breakwater/nginx  req/CPU-s ratio: {a['rpc'] / b['rpc']:.3f}  (higher is better)")
-    out.append(f"breakwater/nginx  p99 ratio:       {a['p99'] / b['p99']:.3f}  (lower is better)")
-    out.append(f"breakwater/nginx  req/s ratio:     {a['rps'] / b['rps']:.3f}")
+    out.append(f"{label:<21}req/CPU-s ratio: {a['rpc'] / b['rpc']:.3f}  (higher is better)"
+               + (f"; median of per-round ratios {statistics.median(per_round):.3f}"
+                  f" (range {min(per_round):.2f}-{max(per_round):.2f})" if per_round else ""))
+    out.append(f"{label:<21}p99 ratio:       {a['p99'] / b['p99']:.3f}  (lower is better)")
+    out.append(f"{label:<21}req/s ratio:     {a['rps'] / b['rps']:.3f}")
 out.append("")
 out.append("per round")
 out.append(f"{'round':<7}{'proxy':<12}{'req/s':>12}{'requests':>11}{'p50 ms':>10}{'p99 ms':>10}{'CPU s':>8}{'req/CPU-s':>12}{'errors':>8}")

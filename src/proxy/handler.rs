@@ -214,7 +214,11 @@ async fn forward<'p>(
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         if !upgrade && body.is_end_stream() {
             if let Some(key) = crate::cache::lookup_key(&parts.method, host, path_and_query) {
-                return caching::serve(state, policy, conn, cache, key, parts, authority).await;
+                // Boxed: the cache's states would otherwise enlarge every request's future.
+                return Box::pin(caching::serve(
+                    state, policy, conn, cache, key, parts, authority,
+                ))
+                .await;
             }
         }
         if !parts.method.is_safe() {
