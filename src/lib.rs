@@ -2,7 +2,8 @@
 //!
 //! The crate is one library with clear rooms: `config` (the policy model both halves speak),
 //! the data plane (`proxy`, `balance`, `endpoint`, `snapshot`), `admin`, `metrics`, and `app`
-//! which wires the standalone proxy together. The data plane never depends on Kubernetes.
+//! which wires the standalone proxy together, and `kube` (the CRD and its status). The data
+//! plane never depends on Kubernetes.
 
 pub mod admin;
 pub mod app;
@@ -11,6 +12,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod endpoint;
+pub mod kube;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

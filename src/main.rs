@@ -45,6 +45,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the ResiliencePolicy CustomResourceDefinition as YAML (what crds/ holds).
+    Crd,
     /// Start local demo backends (healthy, flaky, slow) and the proxy in front of them.
     Demo {
         /// Policy file; defaults to the embedded examples/demo.yaml.
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Validate { files } => return validate(&files),
+        Command::Crd => print_crd(),
         Command::Run(args) => run_blocking(args.common, |common| async move {
             let proxy = app::start(options(args.config, &common)).await?;
             serve_until_signal(proxy, &common).await
@@ -215,6 +218,11 @@ async fn demo(config: Option<PathBuf>, common: &CommonArgs) -> anyhow::Result<()
         path.display()
     );
     serve_until_signal(proxy, common).await
+}
+
+fn print_crd() -> anyhow::Result<()> {
+    print!("{}", breakwater::kube::crd_yaml()?);
+    Ok(())
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {

@@ -4,6 +4,7 @@ pub mod compile;
 pub mod error;
 pub mod file;
 pub mod resilience;
+pub mod schema;
 pub mod spec;
 pub mod units;
 

@@ -3,11 +3,18 @@
 //! Everything here is *unvalidated* user input: durations and sizes are kept as written and only
 //! turned into runtime values by [`crate::config::compile`], which reports every problem with its
 //! field path.
+//!
+//! The same types are the CRD schema: `#[schemars(...)]` attributes add what the API server
+//! can check before anything reaches a sidecar (patterns, bounds, enums, CEL rules between
+//! fields). They only narrow what [`crate::config::compile`] accepts, never widen it.
 
 use std::collections::BTreeMap;
 
+use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use super::schema::{DURATION_PATTERN, int_or_string, size_quantity, without_default};
 
 /// The API group and version every policy document must declare.
 pub const API_VERSION: &str = "breakwater.io/v1alpha1";
@@ -50,6 +57,7 @@ pub struct PolicyMetadata {
 /// A byte size written as a plain number of bytes or a string with a suffix (`64Ki`, `10Mi`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(untagged)]
+#[schemars(transform = size_quantity)]
 pub enum Quantity {
     /// Plain bytes.
     Bytes(u64),
@@ -58,7 +66,47 @@ pub enum Quantity {
 }
 
 /// What a policy asks of the proxy. Every field has a default, so the smallest policy is one backend.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
+// The `CustomResource` derive generates the `ResiliencePolicy` root type (metadata, this spec and
+// `crate::kube::ResiliencePolicyStatus`). It has to sit on the spec type itself because the file
+// format and the cluster share this one type; only `crate::kube` uses the root.
+// Two printer columns share `type_ = "integer"`, which clippy mistakes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema, CustomResource)]
+#[kube(
+    group = "breakwater.io",
+    version = "v1alpha1",
+    kind = "ResiliencePolicy",
+    namespaced,
+    shortname = "rp",
+    category = "breakwater",
+    status = "crate::kube::ResiliencePolicyStatus",
+    derive = "PartialEq",
+    doc = "Timeouts, retries, circuit breakers, health checks and rate limits that Breakwater sidecars apply in front of a set of backends.",
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status",
+        description = "Whether the spec is valid"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.backends.ready",
+        description = "Backends with at least one ready endpoint"
+    ),
+    printcolumn(
+        name = "Backends",
+        type_ = "integer",
+        json_path = ".status.backends.total",
+        description = "Backends in the spec",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResiliencePolicySpec {
     /// Which pods' sidecars apply this policy (cluster only; empty selects every pod in the namespace).
@@ -68,7 +116,13 @@ pub struct ResiliencePolicySpec {
     #[serde(default)]
     pub listener: ListenerSpec,
     /// Where traffic goes. At least one backend is required.
+    // A map list keyed by name: names stay unique and server-side apply merges by backend.
     #[serde(default)]
+    #[schemars(
+        transform = without_default,
+        length(min = 1, max = 100),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
     pub backends: Vec<BackendSpec>,
     /// How an endpoint is chosen for each request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +178,7 @@ pub struct LabelSelectorRequirementSpec {
     /// The label key.
     pub key: String,
     /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    #[schemars(extend("enum" = ["In", "NotIn", "Exists", "DoesNotExist"]))]
     pub operator: String,
     /// Values for `In` / `NotIn`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -158,11 +213,16 @@ pub struct ListenerTlsSpec {
 /// One backend: exactly one of `url`, `dns` or `service`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.url), has(self.dns), has(self.service)].filter(x, x).size() == 1",
+    "message": "exactly one of url, dns or service must be set"
+}]))]
 pub struct BackendSpec {
     /// Name used in metrics, logs and `/backends/health`; unique within the policy.
     pub name: String,
     /// A static `http://` or `https://` URL (scheme, host and port only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^https?://"))]
     pub url: Option<String>,
     /// `host:port` re-resolved every `dnsRefresh`; every address is an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +232,7 @@ pub struct BackendSpec {
     pub service: Option<ServiceRefSpec>,
     /// Relative share for the `Weighted` algorithm, applied to each endpoint of this backend; default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub weight: Option<u32>,
     /// `Http1` (default) or `H2` (prior knowledge on plain TCP, ALPN over TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +242,7 @@ pub struct BackendSpec {
     pub tls: Option<BackendTlsSpec>,
     /// How often `dns` backends are re-resolved; default 5s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub dns_refresh: Option<String>,
     /// `false` exempts this backend's endpoints from `spec.healthCheck`; default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,6 +254,7 @@ pub struct BackendSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceRefSpec {
     /// Service name.
+    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
     pub name: String,
     /// Namespace; defaults to the policy's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,6 +267,7 @@ pub struct ServiceRefSpec {
 /// A Service port given by number or by name.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(untagged)]
+#[schemars(transform = int_or_string)]
 pub enum PortRef {
     /// Port number.
     Number(u16),
@@ -261,21 +325,31 @@ pub enum Algorithm {
 /// Timeouts; each is a duration string.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.perTry) || duration(self.perTry) <= duration(has(self.request) ? self.request : '15s')",
+    "message": "perTry must not be longer than request (default 15s)",
+    "fieldPath": ".perTry"
+}]))]
 pub struct TimeoutsSpec {
     /// TCP (and TLS) connect to an endpoint; default 1s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub connect: Option<String>,
     /// Whole request until the response headers, all attempts together; default 15s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub request: Option<String>,
     /// One attempt until its response headers; default: the request timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub per_try: Option<String>,
     /// Idle keep-alive client connections, and response bodies that stop moving; default 60s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub idle: Option<String>,
     /// Time a client has to send a complete request head; default 10s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub request_header: Option<String>,
 }
 
@@ -285,6 +359,7 @@ pub struct TimeoutsSpec {
 pub struct RetrySpec {
     /// Attempts in total, first one included; default 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
     pub max_attempts: Option<u32>,
     /// Backoff between attempts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -309,15 +384,23 @@ pub struct RetrySpec {
 /// Exponential backoff.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "duration(has(self.initial) ? self.initial : '25ms') <= duration(has(self.max) ? self.max : '1s')",
+    "message": "initial must not be longer than max (defaults 25ms and 1s)",
+    "fieldPath": ".initial"
+}]))]
 pub struct BackoffSpec {
     /// First delay; default 25ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub initial: Option<String>,
     /// Largest delay; default 1s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub max: Option<String>,
     /// Growth per attempt; default 2.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0))]
     pub multiplier: Option<f64>,
     /// `Full` (default), `Equal` or `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -351,6 +434,7 @@ pub struct RetryOnSpec {
     pub timeout: Option<bool>,
     /// Response statuses that are retried; default 502, 503, 504.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(range(min = 100, max = 599)))]
     pub status_codes: Option<Vec<u16>>,
 }
 
@@ -360,6 +444,7 @@ pub struct RetryOnSpec {
 pub struct RetryBudgetSpec {
     /// Retries allowed as a share of requests; default 0.2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
     pub ratio: Option<f64>,
     /// Floor of retries per second; default 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -375,30 +460,39 @@ pub struct CircuitBreakerSpec {
     pub enabled: Option<bool>,
     /// Consecutive failures that open the breaker; default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub failure_threshold: Option<u32>,
     /// Failure share over `window` that opens it; default 0.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true))]
     pub failure_ratio: Option<f64>,
     /// Requests the window must hold before the ratio counts; default 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub minimum_requests: Option<u32>,
     /// Sliding window for the ratio; default 10s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub window: Option<String>,
     /// Successful probes that close it; default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub success_threshold: Option<u32>,
     /// Time spent open before probing; default 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub open_timeout: Option<String>,
     /// Concurrent probes in half-open; default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub half_open_max_requests: Option<u32>,
     /// Largest share of a backend set that may be open at once; default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
     pub max_ejection_percent: Option<u32>,
     /// Response statuses counted as failures; default 500–599.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(range(min = 100, max = 599)))]
     pub failure_status_codes: Option<Vec<u16>>,
 }
 
@@ -408,36 +502,49 @@ pub struct CircuitBreakerSpec {
 pub struct OverloadSpec {
     /// Upstream connections; default 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
     /// Requests waiting for a connection; default 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_pending_requests: Option<u32>,
     /// Requests in flight; default 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_concurrent_requests: Option<u32>,
 }
 
 /// Active health checks.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.timeout) || duration(self.timeout) <= duration(has(self.interval) ? self.interval : '5s')",
+    "message": "timeout must not be longer than interval (default 5s)",
+    "fieldPath": ".timeout"
+}]))]
 pub struct HealthCheckSpec {
     /// `false` turns checks off; default true when the block is present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Path probed with GET; default `/healthz`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^/"))]
     pub path: Option<String>,
     /// Time between probes (jittered); default 5s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub interval: Option<String>,
     /// Probe timeout; default 1s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub timeout: Option<String>,
     /// Failed probes that mark an endpoint down; default 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub unhealthy_threshold: Option<u32>,
     /// Passed probes that bring it back; default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub healthy_threshold: Option<u32>,
     /// Statuses that pass, as codes or ranges (`"200-399"`, the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -447,6 +554,10 @@ pub struct HealthCheckSpec {
 /// Rate limiting.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.global) || has(self.perClient)",
+    "message": "set global, perClient or both"
+}]))]
 pub struct RateLimitSpec {
     /// `TokenBucket` (default) or `SlidingWindow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -477,21 +588,28 @@ pub enum RateLimitAlgorithm {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateSpec {
     /// Sustained rate.
+    #[schemars(range(min = 0.0, max = 1_000_000.0), extend("exclusiveMinimum" = true))]
     pub requests_per_second: f64,
     /// Burst size; default: the rate rounded up (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
     /// Client key (per-client only); default the client IP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<ClientKeySpec>,
     /// Most client keys tracked at once (per-client only); default 100000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_keys: Option<u32>,
 }
 
 /// What identifies a client: `{clientIp: {}}` or `{header: X-Api-Key}`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.clientIp) != has(self.header)",
+    "message": "set exactly one of clientIp or header"
+}]))]
 pub struct ClientKeySpec {
     /// The client address (through `forwarding.trustedProxies`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -507,6 +625,7 @@ pub struct ClientKeySpec {
 pub struct ClientIpKeySpec {
     /// IPv6 clients are grouped by this prefix length; default 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
     pub ipv6_prefix: Option<u8>,
 }
 
@@ -541,9 +660,11 @@ pub struct WebSocketSpec {
     pub enabled: Option<bool>,
     /// Close a session after this long without traffic either way; default 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub idle_timeout: Option<String>,
     /// Close a session after this long in any case; default unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub max_lifetime: Option<String>,
 }
 
@@ -559,6 +680,7 @@ pub struct LimitsSpec {
     pub max_request_header_bytes: Option<Quantity>,
     /// Concurrent client connections on this listener; default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
 }
 

@@ -25,6 +25,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub mod apiserver;
+
 /// A boxed response future, so backends can be written as closures.
 pub type BoxResponse = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
 /// What a backend does with a request.
