@@ -648,6 +648,7 @@ pub struct CacheSpec {
     /// How long after expiry a stored response may still be served when the backend fails or
     /// no endpoint is admissible (RFC 5861 `stale-if-error`); default `0s`, off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub stale_if_error: Option<String>,
 }
 
