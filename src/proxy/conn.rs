@@ -41,6 +41,11 @@ pub struct ConnShared {
 pub const HEAD_CL_AND_TE: u8 = 1;
 /// More than one `Content-Length` field (hyper silently merges equal ones).
 pub const HEAD_DUPLICATE_CL: u8 = 2;
+/// A transfer coding other than `chunked` (hyper accepts `gzip, chunked` and would let the
+/// proxy drop the coding with the hop-by-hop header): answered 501.
+pub const HEAD_UNSUPPORTED_TE: u8 = 4;
+/// `chunked` applied more than once (RFC 9112 §6.1 forbids it): answered 400.
+pub const HEAD_REPEATED_CHUNKED: u8 = 8;
 
 impl ConnShared {
     /// Counts a request as started; it ends when the returned guard is dropped (after its body).
@@ -318,8 +323,10 @@ const MAX_INSPECTED_HEAD: usize = 64 << 10;
 /// framing that hyper normalises away before a request reaches the proxy, and records it against
 /// the request's sequence number — pipelined requests included.
 ///
-/// Chunked bodies are not decoded here (hyper does that); after one, tracking pauses until the
-/// connection is idle again and resumes in step with hyper's request count.
+/// Chunked bodies are followed (chunk sizes, data, trailers; hyper does the decoding) so a
+/// request pipelined behind one is inspected too. Anything this cannot follow (a head or chunk
+/// line hyper will reject) pauses tracking until the connection is idle again; tracking then
+/// resumes in step with hyper's request count.
 #[derive(Debug, Default)]
 struct HeadTracker {
     state: Track,
@@ -332,7 +339,130 @@ enum Track {
     #[default]
     Head,
     Body(u64),
+    Chunked(Chunk),
     Lost,
+}
+
+/// Where the tracker is inside a chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk-size line: the size so far, whether a digit was seen, and whether the
+    /// extensions part (after `;`) has begun.
+    Size {
+        size: u64,
+        digits: bool,
+        ext: bool,
+        len: u16,
+    },
+    /// Skipping chunk data.
+    Data(u64),
+    /// Expecting the CRLF after chunk data (`true` once the CR was seen).
+    DataEnd(bool),
+    /// Reading trailer lines after the last chunk: bytes on the current line so far.
+    Trailer(u16),
+}
+
+/// Longest chunk-size line (with extensions) or trailer line followed; hyper's own limits are
+/// lower, so a longer one is rejected by hyper anyway.
+const MAX_CHUNK_LINE: u16 = 8 << 10;
+
+impl Chunk {
+    const START: Chunk = Chunk::Size {
+        size: 0,
+        digits: false,
+        ext: false,
+        len: 0,
+    };
+
+    /// Advances over `bytes`; returns how many were consumed and the next state, `None` when
+    /// the body ended (`Some(Err(()))`: the framing is invalid).
+    fn advance(mut self, bytes: &[u8]) -> (usize, Result<Option<Chunk>, ()>) {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            self = match self {
+                Chunk::Data(remaining) => {
+                    let take = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len() - i);
+                    i += take;
+                    let left = remaining - take as u64;
+                    if left == 0 {
+                        Chunk::DataEnd(false)
+                    } else {
+                        Chunk::Data(left)
+                    }
+                }
+                Chunk::DataEnd(cr) => {
+                    i += 1;
+                    match (b, cr) {
+                        (b'\r', false) => Chunk::DataEnd(true),
+                        (b'\n', _) => Chunk::START,
+                        _ => return (i, Err(())),
+                    }
+                }
+                Chunk::Size {
+                    size,
+                    digits,
+                    ext,
+                    len,
+                } => {
+                    i += 1;
+                    if len >= MAX_CHUNK_LINE {
+                        return (i, Err(()));
+                    }
+                    let len = len + 1;
+                    match b {
+                        b'\n' if digits && size == 0 => Chunk::Trailer(0),
+                        b'\n' if digits => Chunk::Data(size),
+                        b'\n' => return (i, Err(())),
+                        b'\r' | b';' | b' ' | b'\t' => Chunk::Size {
+                            size,
+                            digits,
+                            ext: true,
+                            len,
+                        },
+                        _ if ext => Chunk::Size {
+                            size,
+                            digits,
+                            ext,
+                            len,
+                        },
+                        _ => {
+                            let Some(digit) = (b as char).to_digit(16) else {
+                                return (i, Err(()));
+                            };
+                            let Some(size) = size
+                                .checked_mul(16)
+                                .and_then(|s| s.checked_add(u64::from(digit)))
+                            else {
+                                return (i, Err(()));
+                            };
+                            Chunk::Size {
+                                size,
+                                digits: true,
+                                ext,
+                                len,
+                            }
+                        }
+                    }
+                }
+                Chunk::Trailer(len) => {
+                    i += 1;
+                    match b {
+                        // An empty line ends the trailers and the body.
+                        b'\n' if len == 0 => return (i, Ok(None)),
+                        b'\n' => Chunk::Trailer(0),
+                        // A CR alone does not start the line's content.
+                        b'\r' if len == 0 => Chunk::Trailer(0),
+                        _ if len >= MAX_CHUNK_LINE => return (i, Err(())),
+                        _ => Chunk::Trailer(len + 1),
+                    }
+                }
+            };
+        }
+        (i, Ok(Some(self)))
+    }
 }
 
 /// Moves the deadline; the timer is re-armed only when the deadline comes earlier than it.
@@ -378,6 +508,24 @@ impl HeadTracker {
                         return;
                     }
                 }
+                Track::Chunked(chunk) => {
+                    let (used, next) = chunk.advance(bytes);
+                    bytes = &bytes[used..];
+                    match next {
+                        Ok(Some(chunk)) => {
+                            self.state = Track::Chunked(chunk);
+                            return;
+                        }
+                        Ok(None) => self.state = Track::Head,
+                        Err(()) => {
+                            self.state = Track::Lost;
+                            return;
+                        }
+                    }
+                    if bytes.is_empty() {
+                        return;
+                    }
+                }
                 Track::Head => {
                     if self.pending.is_empty() {
                         // Empty lines between pipelined requests are allowed (RFC 9112 §2.2).
@@ -419,6 +567,7 @@ impl HeadTracker {
                             self.state = match body {
                                 BodyFraming::None => Track::Head,
                                 BodyFraming::Length(n) => Track::Body(n),
+                                BodyFraming::Chunked => Track::Chunked(Chunk::START),
                                 BodyFraming::Unknown => Track::Lost,
                             };
                             if from_pending {
@@ -471,6 +620,7 @@ fn judge_simple_head(data: &[u8]) -> Option<HeadVerdict> {
 enum BodyFraming {
     None,
     Length(u64),
+    Chunked,
     Unknown,
 }
 
@@ -499,6 +649,11 @@ fn judge_head(data: &[u8]) -> HeadVerdict {
     let mut content_lengths = 0;
     let mut length = None;
     let mut transfer_encoding = false;
+    let mut flags = 0;
+    // The codings in order across every Transfer-Encoding field; only a final `chunked` frames
+    // a body hyper accepts.
+    let mut chunked_count = 0;
+    let mut last_is_chunked = false;
     for h in request.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             content_lengths += 1;
@@ -507,16 +662,37 @@ fn judge_head(data: &[u8]) -> HeadVerdict {
                 .and_then(|v| v.trim().parse::<u64>().ok());
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             transfer_encoding = true;
+            for coding in h.value.split(|b| *b == b',') {
+                let coding = coding.trim_ascii();
+                if coding.is_empty() {
+                    continue;
+                }
+                last_is_chunked = coding.eq_ignore_ascii_case(b"chunked");
+                if last_is_chunked {
+                    chunked_count += 1;
+                } else {
+                    flags |= HEAD_UNSUPPORTED_TE;
+                }
+            }
         }
     }
-    let mut flags = 0;
+    if chunked_count > 1 {
+        flags |= HEAD_REPEATED_CHUNKED;
+    }
     if content_lengths > 0 && transfer_encoding {
         flags |= HEAD_CL_AND_TE;
     }
     if content_lengths > 1 {
         flags |= HEAD_DUPLICATE_CL;
     }
-    let body = if transfer_encoding || (content_lengths > 0 && length.is_none()) {
+    let body = if transfer_encoding {
+        // hyper decodes a body whose last coding is chunked; anything else it rejects.
+        if last_is_chunked && request.version == Some(1) {
+            BodyFraming::Chunked
+        } else {
+            BodyFraming::Unknown
+        }
+    } else if content_lengths > 0 && length.is_none() {
         BodyFraming::Unknown
     } else {
         match length {
@@ -539,7 +715,7 @@ mod tests {
                 match body {
                     BodyFraming::None => Some(0),
                     BodyFraming::Length(n) => Some(n),
-                    BodyFraming::Unknown => None,
+                    BodyFraming::Chunked | BodyFraming::Unknown => None,
                 },
             ),
             HeadVerdict::Partial => panic!("partial"),
@@ -561,5 +737,61 @@ mod tests {
             judge_head(b"GET / HTTP/1.1\r\nHost: a\r\n"),
             HeadVerdict::Partial
         ));
+    }
+
+    #[test]
+    fn transfer_codings_other_than_one_final_chunked_are_flagged() {
+        let head =
+            |te: &str| format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n");
+        assert_eq!(judged(head("chunked").as_bytes()).1, 0);
+        assert_eq!(judged(head("Chunked").as_bytes()).1, 0);
+        assert_eq!(
+            judged(head("gzip, chunked").as_bytes()).1,
+            HEAD_UNSUPPORTED_TE
+        );
+        assert_eq!(
+            judged(head("chunked, chunked").as_bytes()).1,
+            HEAD_REPEATED_CHUNKED
+        );
+    }
+
+    #[test]
+    fn heads_pipelined_behind_a_chunked_body_are_still_judged() {
+        let stream = b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\na\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /c HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        assert_eq!(
+            inspect_heads(stream),
+            vec![(2, HEAD_CL_AND_TE), (3, HEAD_DUPLICATE_CL)],
+            "the second and third requests are found after the chunked body"
+        );
+        // Every split point gives the same answer.
+        for split in 1..stream.len() {
+            let shared = ConnShared::default();
+            let mut tracker = HeadTracker::default();
+            tracker.feed(&stream[..split], &shared);
+            tracker.feed(&stream[split..], &shared);
+            let flags = shared
+                .head_flags
+                .lock()
+                .map(|f| f.clone())
+                .unwrap_or_default();
+            assert_eq!(
+                flags,
+                vec![(2, HEAD_CL_AND_TE), (3, HEAD_DUPLICATE_CL)],
+                "split at {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_chunk_lines_stop_tracking() {
+        let stream = b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /b HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        let shared = ConnShared::default();
+        let mut tracker = HeadTracker::default();
+        tracker.feed(stream, &shared);
+        assert_eq!(
+            tracker.state,
+            Track::Lost,
+            "hyper rejects the body; nothing more to follow"
+        );
     }
 }

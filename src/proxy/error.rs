@@ -60,6 +60,10 @@ pub enum ProxyError {
     /// The request head is not acceptable for forwarding.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request uses something a reverse proxy does not implement (a transfer coding
+    /// other than `chunked`, `CONNECT`).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     /// A WebSocket upgrade failed on the upstream side.
     #[error("upstream refused the upgrade: {0}")]
     UpgradeFailed(&'static str),
@@ -87,6 +91,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -107,6 +112,7 @@ impl ProxyError {
             ProxyError::UriTooLong => "uri_too_long",
             ProxyError::RateLimited(_) => "rate_limited",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::UpgradeFailed(_) => "upgrade_failed",
             ProxyError::Draining => "draining",
         }
@@ -160,6 +166,7 @@ impl ProxyError {
             self,
             ProxyError::ClientBody
                 | ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
                 | ProxyError::BodyTooLarge(_)
                 | ProxyError::UriTooLong
         ) {

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
-use super::conn::{ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL};
+use super::conn::{
+    ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL, HEAD_REPEATED_CHUNKED, HEAD_UNSUPPORTED_TE,
+};
 use super::error::{MAX_URI_BYTES, ProxyError};
 use super::headers::{self, ClientSide, PeerHeaders};
 use super::pool::{ConnectError, PoolReturn, SendError};
@@ -171,6 +173,27 @@ async fn forward<'p>(
     if flags & HEAD_DUPLICATE_CL != 0 {
         return fail(
             ProxyError::BadRequest("more than one Content-Length"),
+            None,
+            0,
+        );
+    }
+    if flags & HEAD_REPEATED_CHUNKED != 0 {
+        return fail(ProxyError::BadRequest("chunked applied twice"), None, 0);
+    }
+    if flags & HEAD_UNSUPPORTED_TE != 0 {
+        return fail(
+            ProxyError::NotImplemented("transfer coding other than chunked"),
+            None,
+            0,
+        );
+    }
+    if req.method() == http::Method::CONNECT {
+        // A reverse proxy has no tunnel to open; forwarding it would send `CONNECT /`.
+        return fail(ProxyError::NotImplemented("CONNECT"), None, 0);
+    }
+    if req.uri().path() == "*" && req.method() != http::Method::OPTIONS {
+        return fail(
+            ProxyError::BadRequest("asterisk-form target is only for OPTIONS"),
             None,
             0,
         );
