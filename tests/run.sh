@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every test.
-# Installs what it needs on a fresh machine (Rust components, varnishtest, cargo-fuzz).
+# Installs what it needs on a fresh machine (Rust components, varnishtest, chromium, cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,12 +11,17 @@ fi
 # tests/varnishtest.rs drives tests/vtc/*.vtc through varnishtest and fails without it. Only
 # /usr/bin/varnishtest is used (the varnishd daemon the package also installs is not). The
 # package lists are refreshed only when the install fails without it.
-if [[ ! -x /usr/bin/varnishtest ]]; then
-    echo "--- installing varnish (for /usr/bin/varnishtest)"
+# tests/status_page.rs renders the admin status page in headless Chromium.
+packages=()
+[[ -x /usr/bin/varnishtest ]] || packages+=(varnish)
+[[ -x /usr/bin/chromium ]] || packages+=(chromium)
+if ((${#packages[@]})); then
+    echo "--- installing ${packages[*]}"
     sudo=()
     [[ $(id -u) -eq 0 ]] || sudo=(sudo)
     apt_get() { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq "$@"; }
-    apt_get install -y varnish >/dev/null || { apt_get update && apt_get install -y varnish >/dev/null; }
+    apt_get install -y "${packages[@]}" >/dev/null ||
+        { apt_get update && apt_get install -y "${packages[@]}" >/dev/null; }
 fi
 
 echo "--- cargo fmt --check"

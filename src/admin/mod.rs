@@ -1,5 +1,5 @@
-//! The admin server: health, readiness, metrics, per-endpoint state and the effective config,
-//! on its own port so it is never reachable through a traffic listener.
+//! The admin server: health, readiness, metrics, per-endpoint state, the effective config and a
+//! status page, on its own port so it is never reachable through a traffic listener.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -116,14 +116,9 @@ fn route(admin: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-const INDEX_HTML: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><title>Breakwater admin</title></head>\
-<body><h1>Breakwater admin</h1><ul>\
-<li><a href=\"/health\">/health</a> liveness and a summary</li>\
-<li><a href=\"/ready\">/ready</a> readiness</li>\
-<li><a href=\"/metrics\">/metrics</a> Prometheus metrics</li>\
-<li><a href=\"/backends/health\">/backends/health</a> per-endpoint state</li>\
-<li><a href=\"/config\">/config</a> effective configuration</li>\
-</ul></body></html>\n";
+/// The status page: a self-contained HTML page (no external assets) that renders `/health` and
+/// `/backends/health` and refreshes itself, like HAProxy's stats page.
+const INDEX_HTML: &str = include_str!("status.html");
 
 fn health(admin: &AdminState) -> serde_json::Value {
     let snapshot = admin.proxy.snapshot.load();
