@@ -4,8 +4,8 @@
 #   docker build -t breakwater:dev .
 #   docker run --rm breakwater:dev --version
 #
-# No container engine runs on the project's build machines, so this file is kept simple and is
-# exercised by CI elsewhere; `cargo build --release --locked` is exactly what it runs.
+# No container engine runs on the project's build machines, so this image is not built by our
+# CI; the file is kept simple: its build step is exactly `cargo build --release --locked`.
 #
 # The runtime image has no shell and no package manager, runs as the distroless `nonroot` user
 # (UID/GID 65532) and writes nothing to its filesystem, so it works with
