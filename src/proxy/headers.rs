@@ -127,20 +127,33 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers: the fixed list and every header `Connection` names.
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (WebSocket handshakes).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one scan of the (few) names present is cheaper than nine
-    // hashed removals.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the (few) names present finds which hop-by-hop fields there are; only those
+    // are removed. Most responses carry just `Connection: keep-alive`, so this is one hashed
+    // removal instead of one per listed name.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         if keep_upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         return;
     }
-    let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        if let Ok(text) = value.to_str() {
-            for token in text.split(',') {
-                let token = token.trim();
-                if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
+    if present & 1 != 0 {
+        // Fields named by `Connection` (other than the fixed list and the usual `close` /
+        // `keep-alive` options, which name no field to remove beyond it).
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(text) = value.to_str() else { continue };
+            for token in text.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"))
+                    || !headers.contains_key(token)
+                {
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -148,19 +161,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 }
             }
         }
-    }
-    for name in named {
-        headers.remove(name);
+        for name in named {
+            headers.remove(name);
+        }
     }
     // `TE: trailers` is end-to-end in practice (gRPC needs it on HTTP/2 upstreams).
     let te_trailers_only = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in &HOP_BY_HOP {
-        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
-            continue;
-        }
-        if te_trailers_only && name == header::TE {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0
+            || (keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION))
+            || (te_trailers_only && name == header::TE)
+        {
             continue;
         }
         headers.remove(name);
