@@ -267,13 +267,20 @@ fn validate(path: &str, schema: &Value, value: &Value, out: &mut Vec<String>) {
 #[test]
 fn example_policies_validate_against_the_crd_schema() {
     let schema = schema();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&examples).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
-            continue;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut paths = Vec::new();
+    for dir in ["examples", "manifests/examples"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // manifests/examples also holds plain Kubernetes objects (the demo app).
+            if name.ends_with(".yaml") && (dir == "examples" || name.starts_with("policy-")) {
+                paths.push(path);
+            }
         }
+    }
+    let mut checked = 0;
+    for path in paths {
         let text = std::fs::read_to_string(&path).unwrap();
         breakwater::config::load_policies(&text, &path.display().to_string())
             .unwrap_or_else(|e| panic!("{} should load: {e}", path.display()));
@@ -296,8 +303,8 @@ fn example_policies_validate_against_the_crd_schema() {
         }
     }
     assert!(
-        checked >= 2,
-        "expected the example policies, checked {checked}"
+        checked >= 5,
+        "expected the example policies (examples/ and manifests/examples/), checked {checked}"
     );
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every test.
-# Installs what it needs on a fresh machine (Rust components, varnishtest, chromium, cargo-fuzz).
+# Installs what it needs on a fresh machine (Rust components, varnishtest, chromium, kubernetes-validate, cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,12 @@ if ((${#packages[@]})); then
     apt_get() { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq "$@"; }
     apt_get install -y "${packages[@]}" >/dev/null ||
         { apt_get update && apt_get install -y "${packages[@]}" >/dev/null; }
+fi
+
+# tests/manifests.rs validates manifests/ and the CRD against the Kubernetes schemas offline.
+if ! python3 -m kubernetes_validate --version >/dev/null 2>&1; then
+    echo "--- installing kubernetes-validate"
+    python3 -m pip install --quiet kubernetes-validate
 fi
 
 echo "--- cargo fmt --check"
