@@ -1,5 +1,9 @@
-//! Wires the standalone proxy together: file config source → compile → snapshot → listeners,
-//! plus the admin server, hot reload, DNS refresh and graceful shutdown.
+//! Wires the proxy together: config source → compile → snapshot → listeners, plus the admin
+//! server, hot reload, DNS refresh and graceful shutdown.
+//!
+//! Two config sources feed the same [`Controller`]: the policy file (`breakwater run`, see
+//! [`start`]) and pushed updates (the Kubernetes sidecar, see [`start_pushed`]). Either way one
+//! controller compiles snapshots and swaps them into the one forwarding loop.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -91,6 +95,30 @@ pub enum ReloadError {
 
 type ReloadReply = oneshot::Sender<Result<u64, ReloadError>>;
 
+/// Settings for [`start_pushed`].
+#[derive(Clone, Debug)]
+pub struct PushedOptions {
+    /// Where the admin server listens.
+    pub admin_addr: SocketAddr,
+    /// How often idle upstream connections are reaped and DNS backends re-resolved.
+    pub tick_interval: Duration,
+}
+
+/// A complete configuration pushed by an external source (the Kubernetes sidecar).
+///
+/// `resolutions` carries the addresses of every `service:` backend; `dns:` backends are still
+/// resolved by the controller. Each update replaces the previous one as a whole.
+#[derive(Debug)]
+pub struct SourceUpdate {
+    /// Every policy to serve, already compiled.
+    pub configs: Vec<PolicyConfig>,
+    /// Addresses of the `service:` backends, keyed by policy and backend name.
+    pub resolutions: Resolutions,
+    /// Answered with the version serving afterwards, or why the update was not applied (the
+    /// previous snapshot keeps serving then).
+    pub reply: oneshot::Sender<Result<u64, ApplyError>>,
+}
+
 /// A running standalone proxy.
 pub struct RunningProxy {
     admin_addr: SocketAddr,
@@ -106,46 +134,93 @@ pub struct RunningProxy {
 /// Loads the configuration, binds every listener and the admin port, and starts serving.
 pub async fn start(options: ProxyOptions) -> Result<RunningProxy, StartError> {
     let metrics = Arc::new(Metrics::new()?);
+    let source = FileSource::new(&options.config);
+    let (configs, fingerprint) = source.load()?;
+    let (_, updates) = mpsc::channel(1);
+    launch(
+        options.admin_addr,
+        options.reload_interval,
+        metrics,
+        Some(source),
+        updates,
+        Some((configs, fingerprint)),
+    )
+    .await
+}
+
+/// Starts the proxy with no policies and the admin server, then serves whatever `updates`
+/// pushes. `/ready` fails until the first update has been handled.
+pub async fn start_pushed(
+    options: PushedOptions,
+    metrics: Arc<Metrics>,
+    updates: mpsc::Receiver<SourceUpdate>,
+) -> Result<RunningProxy, StartError> {
+    launch(
+        options.admin_addr,
+        options.tick_interval,
+        metrics,
+        None,
+        updates,
+        None,
+    )
+    .await
+}
+
+/// What [`start`] and [`start_pushed`] have in common: the admin server, the controller and
+/// (for the file source) the initial configuration.
+async fn launch(
+    admin_addr: SocketAddr,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    source: Option<FileSource>,
+    updates: mpsc::Receiver<SourceUpdate>,
+    initial: Option<(Vec<PolicyConfig>, Fingerprint)>,
+) -> Result<RunningProxy, StartError> {
     let state = Arc::new(ProxyState {
         snapshot: ArcSwap::from_pointee(Snapshot::empty()),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
-    let admin_listener = TcpListener::bind(options.admin_addr)
-        .await
-        .map_err(|source| StartError::AdminBind {
-            addr: options.admin_addr,
-            source,
-        })?;
-    let admin_addr = admin_listener.local_addr().unwrap_or(options.admin_addr);
+    let admin_listener =
+        TcpListener::bind(admin_addr)
+            .await
+            .map_err(|source| StartError::AdminBind {
+                addr: admin_addr,
+                source,
+            })?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(admin_addr);
+    let admin = Arc::new(AdminState {
+        proxy: Arc::clone(&state),
+        metrics: Arc::clone(&metrics),
+        ready: false.into(),
+        draining: false.into(),
+        started: Instant::now(),
+    });
     let listeners = Arc::new(Mutex::new(Listeners::new(Arc::clone(&state))));
     let mut controller = Controller {
-        source: FileSource::new(&options.config),
+        source,
         builder: SnapshotBuilder::new(Arc::clone(&metrics)),
         listeners: Arc::clone(&listeners),
         state: Arc::clone(&state),
-        metrics: Arc::clone(&metrics),
+        metrics,
+        admin: Arc::clone(&admin),
         configs: Vec::new(),
         fingerprint: None,
         failed_fingerprint: None,
         resolutions: HashMap::new(),
+        pushed: HashMap::new(),
         next_dns: None,
         version: 0,
         health: Arc::new(HealthCheckers::new()),
     };
-    let (configs, fingerprint) = controller.source.load()?;
-    controller.resolutions = resolve_dns(&configs, &HashMap::new()).await;
-    controller.apply(configs)?;
-    controller.fingerprint = Some(fingerprint);
-    controller.schedule_dns();
+    if let Some((configs, fingerprint)) = initial {
+        controller.resolutions = resolve_dns(&configs, &HashMap::new()).await;
+        controller.apply(configs)?;
+        controller.fingerprint = Some(fingerprint);
+        controller.schedule_dns();
+        admin.ready.store(true, Ordering::Release);
+    }
 
-    let admin = Arc::new(AdminState {
-        proxy: Arc::clone(&state),
-        metrics,
-        ready: true.into(),
-        draining: false.into(),
-        started: Instant::now(),
-    });
     let admin_stop = CancellationToken::new();
     tokio::spawn(admin::serve(
         admin_listener,
@@ -156,8 +231,7 @@ pub async fn start(options: ProxyOptions) -> Result<RunningProxy, StartError> {
 
     let (reload_tx, reload_rx) = mpsc::channel(8);
     let control_stop = CancellationToken::new();
-    let control =
-        tokio::spawn(controller.run(options.reload_interval, reload_rx, control_stop.clone()));
+    let control = tokio::spawn(controller.run(interval, reload_rx, updates, control_stop.clone()));
     Ok(RunningProxy {
         admin_addr,
         admin,
@@ -234,15 +308,20 @@ impl RunningProxy {
 
 /// Owns the configuration lifecycle; runs on its own task, never on the request path.
 struct Controller {
-    source: FileSource,
+    /// The policy file; `None` when configuration is pushed instead.
+    source: Option<FileSource>,
     builder: SnapshotBuilder,
     listeners: Arc<Mutex<Listeners>>,
     state: Arc<ProxyState>,
     metrics: Arc<Metrics>,
+    admin: Arc<AdminState>,
     configs: Vec<PolicyConfig>,
     fingerprint: Option<Fingerprint>,
     failed_fingerprint: Option<Fingerprint>,
+    /// Every run-time resolution the snapshot is built with: DNS answers plus `pushed`.
     resolutions: Resolutions,
+    /// `service:` backend addresses from the last pushed update.
+    pushed: Resolutions,
     next_dns: Option<Instant>,
     version: u64,
     health: Arc<HealthCheckers>,
@@ -253,8 +332,10 @@ impl Controller {
         mut self,
         interval: Duration,
         mut reloads: mpsc::Receiver<ReloadReply>,
+        mut updates: mpsc::Receiver<SourceUpdate>,
         stop: CancellationToken,
     ) {
+        let mut updates_open = self.source.is_none();
         loop {
             let forced = tokio::select! {
                 _ = stop.cancelled() => {
@@ -266,6 +347,13 @@ impl Controller {
                     Some(reply) => Some(reply),
                     None => return,
                 },
+                update = updates.recv(), if updates_open => {
+                    match update {
+                        Some(update) => self.push(update).await,
+                        None => updates_open = false,
+                    }
+                    continue;
+                }
             };
             let outcome = self.check_file(forced.is_some()).await;
             // Idle upstream connections past their pool timeout are closed here, off the request path.
@@ -295,7 +383,8 @@ impl Controller {
                 let _ = reply.send(outcome.map(|_| self.version));
             }
             if self.next_dns.is_some_and(|at| at <= Instant::now()) {
-                let resolved = resolve_dns(&self.configs, &self.resolutions).await;
+                let mut resolved = resolve_dns(&self.configs, &self.resolutions).await;
+                resolved.extend(self.pushed.clone());
                 self.schedule_dns();
                 if resolved != self.resolutions {
                     tracing::info!("DNS answers changed; rebuilding endpoints");
@@ -309,10 +398,48 @@ impl Controller {
         }
     }
 
+    /// Applies a pushed configuration; on error the previous snapshot keeps serving.
+    async fn push(&mut self, update: SourceUpdate) {
+        let SourceUpdate {
+            configs,
+            resolutions: pushed,
+            reply,
+        } = update;
+        let mut resolutions = resolve_dns(&configs, &self.resolutions).await;
+        resolutions.extend(pushed.clone());
+        let outcome = if configs == self.configs && resolutions == self.resolutions {
+            Ok(self.version)
+        } else {
+            let previous = std::mem::replace(&mut self.resolutions, resolutions);
+            match self.apply(configs) {
+                Ok(()) => {
+                    self.pushed = pushed;
+                    self.schedule_dns();
+                    tracing::info!(version = self.version, "configuration applied");
+                    Ok(self.version)
+                }
+                Err(err) => {
+                    self.resolutions = previous;
+                    self.metrics.config_reload_failures.inc();
+                    tracing::error!(
+                        "configuration rejected, the last good configuration keeps serving: {err}"
+                    );
+                    Err(err)
+                }
+            }
+        };
+        // The source only pushes after a full sync, so the first update ends the wait.
+        self.admin.ready.store(true, Ordering::Release);
+        let _ = reply.send(outcome);
+    }
+
     /// Reloads the file if it (or a file it names) changed, or unconditionally when `forced`.
     async fn check_file(&mut self, forced: bool) -> Result<(), ReloadError> {
+        let Some(source) = self.source.clone() else {
+            return Ok(());
+        };
         if !forced {
-            match self.source.fingerprint(&self.configs) {
+            match source.fingerprint(&self.configs) {
                 Ok(fp) if Some(fp) == self.fingerprint || Some(fp) == self.failed_fingerprint => {
                     return Ok(());
                 }
@@ -326,7 +453,7 @@ impl Controller {
                 }
             }
         }
-        let result = match self.source.load() {
+        let result = match source.load() {
             Ok((configs, fingerprint)) => {
                 if configs == self.configs {
                     self.fingerprint = Some(fingerprint);
@@ -351,7 +478,7 @@ impl Controller {
                 }
             }
             Err(err) => {
-                self.failed_fingerprint = self.source.fingerprint(&self.configs).ok();
+                self.failed_fingerprint = source.fingerprint(&self.configs).ok();
                 Err(ReloadError::from(err))
             }
         };

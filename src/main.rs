@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use breakwater::app::{self, ProxyOptions, RunningProxy};
 use breakwater::config::{self, ConfigError};
 use breakwater::demo::{DemoBehaviour, spawn_backend};
+use breakwater::kube::sidecar::{self, SidecarOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// The policy `breakwater demo` runs when no --config is given.
@@ -45,6 +46,9 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run in a pod: watch ResiliencePolicies selecting this pod and their Services'
+    /// EndpointSlices (in-cluster config or KUBECONFIG); policies are applied as they change.
+    Sidecar(SidecarArgs),
     /// Print the ResiliencePolicy CustomResourceDefinition as YAML (what crds/ holds).
     Crd,
     /// Start local demo backends (healthy, flaky, slow) and the proxy in front of them.
@@ -62,6 +66,21 @@ struct RunArgs {
     /// Policy file (one or more ResiliencePolicy YAML documents).
     #[arg(long, short = 'c', env = "BREAKWATER_CONFIG")]
     config: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct SidecarArgs {
+    /// This pod's name (downward API: metadata.name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: String,
+    /// This pod's namespace (downward API: metadata.namespace); policies are watched here.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: String,
+    /// How long a burst of cluster changes is collected before one snapshot is compiled.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    debounce: Duration,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -98,6 +117,21 @@ fn main() -> ExitCode {
         Command::Run(args) => run_blocking(args.common, |common| async move {
             let proxy = app::start(options(args.config, &common)).await?;
             serve_until_signal(proxy, &common).await
+        }),
+        Command::Sidecar(args) => run_blocking(args.common, |common| async move {
+            let client = kube::Client::try_default()
+                .await
+                .context("creating the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+            let mut options = SidecarOptions::new(args.pod_namespace, args.pod_name);
+            options.admin_addr = common.admin_addr;
+            options.debounce = args.debounce;
+            options.tick_interval = common.reload_interval;
+            let sidecar = sidecar::start(client, options).await?;
+            wait_for_signal().await?;
+            sidecar
+                .shutdown(common.shutdown_delay, common.drain_timeout)
+                .await;
+            Ok(())
         }),
         Command::Demo { config, common } => {
             run_blocking(common, |common| async move { demo(config, &common).await })
@@ -174,6 +208,21 @@ async fn serve_until_signal(proxy: RunningProxy, common: &CommonArgs) -> anyhow:
         .shutdown(common.shutdown_delay, common.drain_timeout)
         .await;
     Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT (SIGHUP is ignored: the cluster is the configuration).
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => tracing::info!("SIGHUP ignored: the sidecar follows the cluster"),
+        }
+    }
 }
 
 async fn demo(config: Option<PathBuf>, common: &CommonArgs) -> anyhow::Result<()> {

@@ -1,10 +1,12 @@
-//! Kubernetes integration: the `ResiliencePolicy` custom resource, its status and the CRD.
+//! Kubernetes integration: the `ResiliencePolicy` custom resource, its status, the CRD and the
+//! sidecar's config source.
 //!
 //! Inside this module the external crate is always written `::kube`, so it never reads as this
 //! module. The data plane (`proxy`, `resilience`, `balance`, `ratelimit`, `cache`) never
 //! imports anything from here.
 
 pub mod crd;
+pub mod sidecar;
 pub mod status;
 
 pub use crate::config::spec::ResiliencePolicy;
