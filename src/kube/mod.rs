@@ -1,10 +1,13 @@
-//! Kubernetes integration: the `ResiliencePolicy` custom resource, its status and the CRD.
+//! Kubernetes integration: the `ResiliencePolicy` custom resource, its status, the CRD, and the
+//! leader-elected operator that writes that status (`operator`, `lease`).
 //!
 //! Inside this module the external crate is always written `::kube`, so it never reads as this
 //! module. The data plane (`proxy`, `resilience`, `balance`, `ratelimit`, `cache`) never
 //! imports anything from here.
 
 pub mod crd;
+pub mod lease;
+pub mod operator;
 pub mod status;
 
 pub use crate::config::spec::ResiliencePolicy;
