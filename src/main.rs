@@ -59,6 +59,28 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Run the cluster operator: validates every ResiliencePolicy and writes its status
+    /// (leader-elected on a Lease, so several replicas are safe).
+    Operator(OperatorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OperatorArgs {
+    /// Admin server address (/health, /ready, /metrics).
+    #[arg(long, default_value = "0.0.0.0:9901", env = "BREAKWATER_ADMIN_ADDR")]
+    admin_addr: SocketAddr,
+    /// How long the leader may go without renewing its Lease before another replica takes over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// Namespace of the Lease (the operator's own); defaults to the client's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = breakwater::kube::operator::LEASE_NAME)]
+    lease_name: String,
+    /// This replica's identity in the Lease; defaults to the host name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -136,6 +158,7 @@ fn main() -> ExitCode {
         Command::Demo { config, common } => {
             run_blocking(common, |common| async move { demo(config, &common).await })
         }
+        Command::Operator(args) => run_operator(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -267,6 +290,53 @@ async fn demo(config: Option<PathBuf>, common: &CommonArgs) -> anyhow::Result<()
         path.display()
     );
     serve_until_signal(proxy, common).await
+}
+
+fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
+    use breakwater::kube::operator::{self, OperatorOptions};
+    use tokio::signal::unix::{SignalKind, signal};
+    anyhow::ensure!(
+        args.lease_duration >= Duration::from_secs(1),
+        "--lease-duration must be at least 1s (Lease durations are whole seconds)"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+        let namespace = args
+            .lease_namespace
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let identity = args.identity.unwrap_or_else(host_name);
+        let mut options = OperatorOptions::new(identity, namespace);
+        options.admin_addr = args.admin_addr;
+        options.lease.duration = args.lease_duration;
+        options.lease.name = args.lease_name;
+        let mut running = operator::start(client, options).await?;
+        tracing::info!(admin = %running.admin_addr(), "operator started");
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            result = running.finished() => return result.context("the operator stopped"),
+        }
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+/// The host name (a pod's name when `POD_NAME` is not set), or a per-process fallback.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("breakwater-operator-{}", std::process::id()))
 }
 
 fn print_crd() -> anyhow::Result<()> {

@@ -67,6 +67,8 @@ pub struct Recorded {
     pub content_type: Option<String>,
     /// `fieldManager` query parameter, if any.
     pub field_manager: Option<String>,
+    /// `user-agent`, if any (tests tell clients apart by it; see [`ApiServer::client_as`]).
+    pub user_agent: Option<String>,
     /// Answer status.
     pub status: StatusCode,
 }
@@ -192,6 +194,18 @@ impl ApiServer {
     pub fn client(&self) -> kube::Client {
         let uri = format!("http://{}", self.addr).parse().expect("server uri");
         let config = kube::Config::new(uri);
+        kube::Client::try_from(config).expect("kube client")
+    }
+
+    /// A `kube::Client` for this server whose requests carry `user-agent: {user_agent}`, so
+    /// the request log tells several clients apart.
+    pub fn client_as(&self, user_agent: &str) -> kube::Client {
+        let uri = format!("http://{}", self.addr).parse().expect("server uri");
+        let mut config = kube::Config::new(uri);
+        config.headers.push((
+            http::header::USER_AGENT,
+            http::HeaderValue::from_str(user_agent).expect("user agent"),
+        ));
         kube::Client::try_from(config).expect("kube client")
     }
 
@@ -558,6 +572,11 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let user_agent = req
+        .headers()
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let params = query_params(&query);
     let body = match req.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -577,6 +596,7 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         query,
         content_type,
         field_manager: params.get("fieldManager").cloned(),
+        user_agent,
         status: response.status(),
     });
     response
