@@ -198,7 +198,13 @@ impl EndpointState {
 
     /// Records a completed attempt's time to response headers (feeds PeakEWMA).
     pub fn observe_latency(&self, rtt: Duration) {
-        let now = now_nanos();
+        self.observe_latency_at(rtt, Instant::now());
+    }
+
+    /// [`observe_latency`](Self::observe_latency) for an answer that arrived at `at` (saves a
+    /// clock read when the caller has one).
+    pub fn observe_latency_at(&self, rtt: Duration, at: Instant) {
+        let now = nanos_since_epoch(at);
         let rtt = rtt.as_nanos() as f64;
         let current = self.decayed_estimate(now);
         // Peak-sensitive: a slow answer is believed at once, fast ones pull the estimate down slowly.
@@ -360,5 +366,9 @@ fn epoch() -> Instant {
 
 /// Monotonic nanoseconds since the first call (tokio's clock, so paused-time tests control it).
 pub fn now_nanos() -> u64 {
-    u64::try_from(Instant::now().saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+    nanos_since_epoch(Instant::now())
+}
+
+fn nanos_since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }

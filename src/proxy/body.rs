@@ -250,12 +250,14 @@ impl ResponseBody {
     }
 
     /// The backend's body, failing if it stalls for `idle`. Its upstream connection (if any)
-    /// goes back to the pool once the body has been read to the end.
+    /// goes back to the pool once the body has been read to the end. `received` is when the
+    /// response head arrived (the idle clock starts there).
     pub fn upstream(
         inner: Incoming,
         idle: Duration,
         endpoint_guard: InFlightGuard,
         pool_return: Option<PoolReturn>,
+        received: Instant,
     ) -> Self {
         // A response without a body may never be polled: release its connection now.
         let pool_return = match pool_return {
@@ -270,7 +272,7 @@ impl ResponseBody {
                 inner,
                 idle_timer: None,
                 idle,
-                last_progress: Instant::now(),
+                last_progress: received,
             },
             endpoint_guard: Some(endpoint_guard),
             active: None,
