@@ -37,6 +37,17 @@ pub struct AdminState {
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, admin: Arc<AdminState>, stop: CancellationToken) {
+    serve_routes(listener, stop, move |req| route(&admin, req)).await;
+}
+
+/// Serves `route` over HTTP/1.1 and HTTP/2 on `listener` until `stop` is cancelled; open
+/// connections then finish their requests. Shared by the proxy's and the operator's admin
+/// servers, which differ only in their routes.
+pub async fn serve_routes<R>(listener: TcpListener, stop: CancellationToken, route: R)
+where
+    R: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -49,12 +60,12 @@ pub async fn serve(listener: TcpListener, admin: Arc<AdminState>, stop: Cancella
                 }
             },
         };
-        let admin = Arc::clone(&admin);
+        let route = Arc::clone(&route);
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(route(&admin, &req)) }
+                let response = route(&req);
+                async move { Ok::<_, Infallible>(response) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new());
@@ -71,27 +82,38 @@ pub async fn serve(listener: TcpListener, admin: Arc<AdminState>, stop: Cancella
     }
 }
 
+/// `405` with `Allow: GET, HEAD` for any other method; admin endpoints only read.
+pub fn reject_non_get(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return None;
+    }
+    let mut resp = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "only GET and HEAD are served here\n",
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    Some(resp)
+}
+
+/// The Prometheus text exposition `body` with its content type.
+pub fn metrics_response(body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
 fn route(admin: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut resp = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD are served here\n",
-        );
-        resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return resp;
+    if let Some(refused) = reject_non_get(req) {
+        return refused;
     }
     match req.uri().path() {
         "/health" => json_response(StatusCode::OK, &health(admin)),
         "/ready" => ready(admin),
-        "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(admin.metrics.render())));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            resp
-        }
+        "/metrics" => metrics_response(admin.metrics.render()),
         "/backends/health" => json_response(StatusCode::OK, &backends(admin)),
         "/config" => {
             let snapshot = admin.proxy.snapshot.load();
@@ -189,7 +211,8 @@ fn backends(admin: &AdminState) -> serde_json::Value {
     json!({"version": snapshot.version, "policies": policies})
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+/// A plain-text response.
+pub fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -199,7 +222,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+/// A pretty-printed JSON response.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
