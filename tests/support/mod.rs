@@ -403,6 +403,11 @@ pub struct KillableBackend {
     pub hits: Arc<AtomicUsize>,
     /// `/healthz` requests received.
     pub probes: Arc<AtomicUsize>,
+    /// Set by [`KillableBackend::kill`]: a connection task that a worker thread is still
+    /// polling then drops its request unanswered and uncounted, as a dead process would.
+    /// (A lock rather than an atomic: a request that saw the backend alive has been counted
+    /// by the time `kill` holds the write lock.)
+    dead: Arc<std::sync::RwLock<bool>>,
     task: JoinHandle<()>,
 }
 
@@ -422,7 +427,8 @@ impl KillableBackend {
         let addr = listener.local_addr().expect("backend addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let probes = Arc::new(AtomicUsize::new(0));
-        let (hits2, probes2) = (Arc::clone(&hits), Arc::clone(&probes));
+        let dead = Arc::new(std::sync::RwLock::new(false));
+        let (hits2, probes2, dead2) = (Arc::clone(&hits), Arc::clone(&probes), Arc::clone(&dead));
         let task = tokio::spawn(async move {
             // Dropping this set (when the task is aborted) aborts every connection task.
             let mut connections = tokio::task::JoinSet::new();
@@ -432,17 +438,30 @@ impl KillableBackend {
                     continue;
                 };
                 let handler = Arc::clone(&handler);
-                let (hits, probes) = (Arc::clone(&hits2), Arc::clone(&probes2));
+                let (hits, probes, dead) =
+                    (Arc::clone(&hits2), Arc::clone(&probes2), Arc::clone(&dead2));
                 connections.spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        let counter = if req.uri().path() == "/healthz" {
-                            &probes
-                        } else {
-                            &hits
+                        let alive = {
+                            let dead = dead.read().unwrap_or_else(|e| e.into_inner());
+                            if !*dead {
+                                let counter = if req.uri().path() == "/healthz" {
+                                    &probes
+                                } else {
+                                    &hits
+                                };
+                                counter.fetch_add(1, Ordering::SeqCst);
+                            }
+                            !*dead
                         };
-                        counter.fetch_add(1, Ordering::SeqCst);
                         let fut = handler(req);
-                        async move { Ok::<_, Infallible>(fut.await) }
+                        async move {
+                            if !alive {
+                                // An error makes hyper drop the connection without answering.
+                                return Err(std::io::Error::other("backend killed"));
+                            }
+                            Ok(fut.await)
+                        }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -454,6 +473,7 @@ impl KillableBackend {
             addr,
             hits,
             probes,
+            dead,
             task,
         }
     }
@@ -466,6 +486,7 @@ impl KillableBackend {
     /// Kills it: once this returns the listening socket is closed, and every open connection
     /// has been told to abort (each closes as soon as the runtime polls its task).
     pub async fn kill(&mut self) {
+        *self.dead.write().unwrap_or_else(|e| e.into_inner()) = true;
         self.task.abort();
         if !self.task.is_finished() {
             let _ = (&mut self.task).await;
