@@ -694,3 +694,89 @@ async fn the_binary_runs_as_a_sidecar_from_the_downward_api_environment() {
     child.start_kill().unwrap();
     let _ = child.wait().await;
 }
+
+/// A slice of the policy's own Service: one pod (`target`) per endpoint, counted as replicas.
+fn own_slice(name: &str, pods: &[(&str, &str, bool)]) -> Value {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|(pod, ip, ready)| {
+            json!({"addresses": [ip], "conditions": {"ready": ready},
+                   "targetRef": {"kind": "Pod", "name": pod, "namespace": NS}})
+        })
+        .collect();
+    json!({
+        "apiVersion": SLICE.0, "kind": SLICE.1,
+        "metadata": {"name": name, "namespace": NS,
+                     "labels": {"kubernetes.io/service-name": "checkout"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+/// Sends `n` requests back to back on fresh connections; how many got 200.
+async fn admitted(addr: SocketAddr, n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        if body_of(addr, "/").await.is_some() {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// Issue #5 item 4: a Service-scoped global limit is the fleet's rate, so each sidecar admits
+/// its share — divided by the ready replicas of the policy's own Service — and the share
+/// follows the replica count.
+#[tokio::test]
+async fn a_service_scoped_limit_is_shared_by_the_ready_replicas() {
+    let server = ApiServer::start().await;
+    server.insert(pod(json!({})));
+    let a = backend("a", Duration::ZERO).await;
+    server.insert(slice("pay-a", "payments", a.addr.port(), true, false));
+    server.insert(own_slice(
+        "checkout-1",
+        &[("app-0", "10.0.0.1", true), ("app-1", "10.0.0.2", true)],
+    ));
+    // 0.2 rps: nothing refills during the test, so admissions show the burst exactly.
+    let limit = json!({"rateLimit": {"global": {
+        "requestsPerSecond": 0.2, "burst": 10, "scope": "Service", "service": "checkout"}}});
+    server.insert(policy("checkout", "payments", limit));
+    let sidecar = start_sidecar(&server, Duration::from_millis(200)).await;
+    let addr = listener(&sidecar, "checkout", WAIT).await;
+    let admin = sidecar.proxy().admin_addr();
+    // The own Service's slices may arrive just after the first publication.
+    assert!(
+        eventually(WAIT, || async {
+            let config = support::get(&format!("http://{admin}/config")).await.text();
+            config.contains("\"burst\": 5")
+        })
+        .await,
+        "expected the share of two replicas to be applied"
+    );
+    assert_eq!(
+        admitted(addr, 8).await,
+        5,
+        "two ready replicas: this sidecar admits half of the burst of 10"
+    );
+
+    // One replica goes away: the survivor's share is the whole rate.
+    server.insert(own_slice(
+        "checkout-1",
+        &[("app-0", "10.0.0.1", true), ("app-1", "10.0.0.2", false)],
+    ));
+    assert!(
+        eventually(WAIT, || async {
+            let config = support::get(&format!("http://{admin}/config")).await.text();
+            config.contains("\"burst\": 10")
+        })
+        .await,
+        "expected the share to follow the replica count"
+    );
+    assert_eq!(
+        admitted(addr, 12).await,
+        10,
+        "one ready replica: the whole burst of 10"
+    );
+    sidecar.shutdown(Duration::ZERO, ONE_SECOND).await;
+}

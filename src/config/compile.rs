@@ -481,7 +481,7 @@ fn compile_spec(
     let circuit_breaker = resilience::compile_breaker(ctx, spec.circuit_breaker.as_ref());
     let overload = resilience::compile_overload(ctx, spec.overload.as_ref());
     let health_check = resilience::compile_health_check(ctx, spec.health_check.as_ref());
-    let rate_limit = resilience::compile_rate_limit(ctx, spec.rate_limit.as_ref());
+    let rate_limit = resilience::compile_rate_limit(ctx, spec.rate_limit.as_ref(), namespace);
     PolicyConfig {
         id,
         listener,

@@ -33,7 +33,8 @@ impl FileSource {
     }
 
     /// Reads, validates and compiles the file. The standalone source has no cluster, so
-    /// `service:` backends are rejected here with their field path.
+    /// `service:` backends and Service-scoped rate limits are rejected here with their field
+    /// path.
     pub fn load(&self) -> Result<(Vec<PolicyConfig>, Fingerprint), ConfigError> {
         let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
             path: self.path.display().to_string(),
@@ -53,6 +54,19 @@ impl FileSource {
                         )
                     });
                 }
+            }
+            if policy
+                .rate_limit
+                .as_ref()
+                .is_some_and(|r| r.global_service.is_some())
+            {
+                errors.push(FieldError {
+                    document: Some(format!("policy {}", policy.id)),
+                    ..FieldError::new(
+                        "spec.rateLimit.global.scope",
+                        "scope: Service needs the Kubernetes sidecar to count the Service's ready replicas; use scope: Instance with breakwater run",
+                    )
+                });
             }
         }
         if !errors.is_empty() {
@@ -102,4 +116,43 @@ fn referenced_files(policies: &[PolicyConfig]) -> impl Iterator<Item = &Path> {
             .filter_map(|b| b.tls.as_ref().and_then(|t| t.ca_file.as_deref()));
         listener.chain(upstream)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(spec: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.yaml");
+        let text = format!(
+            "apiVersion: breakwater.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: p}}\nspec:\n{spec}"
+        );
+        std::fs::write(&path, text).expect("write");
+        match FileSource::new(&path).load() {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { errors, .. }) => {
+                errors.iter().map(|e| e.path.clone()).collect()
+            }
+            Err(other) => vec![other.to_string()],
+        }
+    }
+
+    #[test]
+    fn cluster_only_features_are_refused_without_a_cluster() {
+        assert_eq!(
+            load("  backends: [{name: a, service: {name: web, port: http}}]\n"),
+            vec!["spec.backends[0].service"]
+        );
+        assert_eq!(
+            load(
+                "  backends: [{name: a, url: \"http://127.0.0.1:1\"}]\n  rateLimit: {global: {requestsPerSecond: 5, scope: Service, service: web}}\n"
+            ),
+            vec!["spec.rateLimit.global.scope"]
+        );
+        assert!(
+            load("  backends: [{name: a, url: \"http://127.0.0.1:1\"}]\n  rateLimit: {global: {requestsPerSecond: 5}}\n").is_empty(),
+            "an instance-scoped limit runs anywhere"
+        );
+    }
 }

@@ -207,4 +207,56 @@ mod tests {
                 .any(|e| e.contains("defined twice"))
         );
     }
+
+    #[test]
+    fn service_scoped_limits_name_their_service_and_share_the_rate() {
+        let spec = |rate: &str| {
+            format!(
+                "{HEAD}metadata: {{name: p, namespace: shop}}\nspec:\n  backends: [{{name: a, url: \"http://127.0.0.1:1\"}}]\n  rateLimit: {rate}\n"
+            )
+        };
+        let errors = errors_of(&spec("{global: {requestsPerSecond: 10, scope: Service}}"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.rateLimit.global.service: required")),
+            "{errors:?}"
+        );
+        let errors = errors_of(&spec("{global: {requestsPerSecond: 10, service: web}}"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.rateLimit.global.service: only with scope: Service")),
+            "{errors:?}"
+        );
+        let errors = errors_of(&spec(
+            "{perClient: {requestsPerSecond: 10, scope: Service, service: web}}",
+        ));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.rateLimit.perClient.scope")),
+            "{errors:?}"
+        );
+
+        let text =
+            spec("{global: {requestsPerSecond: 9, burst: 10, scope: Service, service: web}}");
+        let policies = load_policies(&text, "test").expect("valid");
+        let mut limits = policies[0].rate_limit.clone().expect("rate limit");
+        assert_eq!(
+            limits.global_service,
+            Some(("shop".to_owned(), "web".to_owned())),
+            "the Service is looked up in the policy's namespace"
+        );
+        limits.share_global(3);
+        let global = limits.global.expect("global");
+        assert_eq!((global.requests_per_second, global.burst), (3.0, 4));
+        let mut none_ready = policies[0].rate_limit.clone().expect("rate limit");
+        none_ready.share_global(0);
+        assert_eq!(
+            none_ready.global.expect("global").burst,
+            10,
+            "no ready replica known: the whole rate"
+        );
+    }
 }

@@ -507,6 +507,9 @@ pub struct RateLimitConfig {
     pub algorithm: super::spec::RateLimitAlgorithm,
     /// Policy-wide limit.
     pub global: Option<RateConfig>,
+    /// With `scope: Service`, the Service (namespace, name) whose ready endpoints share
+    /// `global`; the sidecar divides the rate before the limit is built.
+    pub global_service: Option<(String, String)>,
     /// Per-client limit, its key and table bound.
     pub per_client: Option<(RateConfig, ClientKeySource, u32)>,
     /// Count but never reject.
@@ -538,6 +541,7 @@ fn compile_rate(errors: &mut impl Errors, path: &str, spec: &super::spec::RateSp
 pub(super) fn compile_rate_limit(
     errors: &mut impl Errors,
     spec: Option<&super::spec::RateLimitSpec>,
+    namespace: &str,
 ) -> Option<RateLimitConfig> {
     let spec = spec?;
     let algorithm = spec.algorithm.unwrap_or_default();
@@ -553,6 +557,39 @@ pub(super) fn compile_rate_limit(
         errors.push(
             "spec.rateLimit.global.key",
             "only per-client limits have a key".to_owned(),
+        );
+    }
+    let global_service = spec.global.as_ref().and_then(|g| {
+        match (g.scope.unwrap_or_default(), &g.service) {
+            (super::spec::RateScope::Service, Some(name)) if !name.is_empty() => {
+                Some((namespace.to_owned(), name.clone()))
+            }
+            (super::spec::RateScope::Service, _) => {
+                errors.push(
+                    "spec.rateLimit.global.service",
+                    "required with scope: Service (the Service whose ready endpoints share the rate)"
+                        .to_owned(),
+                );
+                None
+            }
+            (super::spec::RateScope::Instance, Some(_)) => {
+                errors.push(
+                    "spec.rateLimit.global.service",
+                    "only with scope: Service".to_owned(),
+                );
+                None
+            }
+            (super::spec::RateScope::Instance, None) => None,
+        }
+    });
+    if spec
+        .per_client
+        .as_ref()
+        .is_some_and(|p| p.scope.is_some() || p.service.is_some())
+    {
+        errors.push(
+            "spec.rateLimit.perClient.scope",
+            "only the global limit can be shared by a Service".to_owned(),
         );
     }
     let per_client = spec.per_client.as_ref().map(|p| {
@@ -629,7 +666,20 @@ pub(super) fn compile_rate_limit(
     Some(RateLimitConfig {
         algorithm,
         global,
+        global_service,
         per_client,
         dry_run: spec.dry_run.unwrap_or(false),
     })
+}
+
+impl RateLimitConfig {
+    /// The global rate shared by `replicas` ready instances: each admits its share of the rate
+    /// and of the burst (at least one request), so the fleet admits about the declared rate.
+    pub fn share_global(&mut self, replicas: u32) {
+        let replicas = replicas.max(1);
+        if let Some(global) = &mut self.global {
+            global.requests_per_second /= f64::from(replicas);
+            global.burst = global.burst.div_ceil(replicas).max(1);
+        }
+    }
 }

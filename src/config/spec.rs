@@ -601,6 +601,26 @@ pub struct RateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_keys: Option<u32>,
+    /// Whose rate this is (global only): `Instance` (default) — each proxy admits the whole
+    /// rate; `Service` — the rate is for the whole fleet and each sidecar admits its share,
+    /// divided by the ready endpoints of `service` (cluster only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RateScope>,
+    /// With `scope: Service`: the Service (in the policy's namespace) whose ready endpoints
+    /// share the rate — usually the one in front of the pods this policy selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub service: Option<String>,
+}
+
+/// Who a global rate limit is for.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash, JsonSchema)]
+pub enum RateScope {
+    /// Each proxy instance admits the whole rate.
+    #[default]
+    Instance,
+    /// The rate is shared by the ready replicas of a Service.
+    Service,
 }
 
 /// What identifies a client: `{clientIp: {}}` or `{header: X-Api-Key}`.

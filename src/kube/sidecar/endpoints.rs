@@ -62,6 +62,34 @@ pub fn resolve<'a>(
     chosen
 }
 
+/// How many ready endpoints (pods) a Service's slices list, each counted once however many
+/// slices or addresses name it: the replicas that share a Service-scoped rate limit.
+pub fn ready_count<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> usize {
+    let mut seen = std::collections::BTreeSet::new();
+    for slice in slices {
+        for endpoint in &slice.endpoints {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            if ready {
+                // One pod may appear in an IPv4 and an IPv6 slice: its target ref names it in
+                // both; without one, its first address stands in.
+                let identity = endpoint
+                    .target_ref
+                    .as_ref()
+                    .and_then(|r| r.name.clone())
+                    .or_else(|| endpoint.addresses.first().cloned());
+                if let Some(identity) = identity {
+                    seen.insert(identity);
+                }
+            }
+        }
+    }
+    seen.len()
+}
+
 /// The port number `port` refers to in one slice, if any.
 fn slice_port(ports: &[EndpointPort], port: &ServicePort) -> Option<u16> {
     let number = |p: &EndpointPort| p.port.and_then(|n| u16::try_from(n).ok());
@@ -195,5 +223,20 @@ mod tests {
             resolve([&fqdn, &twice], &ServicePort::Only),
             addrs(&["10.0.0.1:80"])
         );
+    }
+
+    #[test]
+    fn ready_replicas_are_counted_once_each() {
+        let a = endpoint("10.0.0.1", Some(true), true, false);
+        let b = endpoint("10.0.0.2", None, true, false);
+        let gone = endpoint("10.0.0.3", Some(false), true, true);
+        // The same pod listed again (another slice of the Service) counts once.
+        let a_again = endpoint("10.0.0.1", Some(true), true, false);
+        let slices = [
+            slice(&[(Some("http"), 80)], vec![a, b, gone]),
+            slice(&[(Some("http"), 80)], vec![a_again]),
+        ];
+        assert_eq!(ready_count(slices.iter()), 2);
+        assert_eq!(ready_count(std::iter::empty()), 0);
     }
 }

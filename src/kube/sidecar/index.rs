@@ -256,7 +256,23 @@ impl Index {
             }
             derived.configs.push(config);
         }
-        for config in &derived.configs {
+        for config in &mut derived.configs {
+            // A Service-scoped global limit: this sidecar admits its share of the fleet's rate.
+            if let Some((namespace, name)) = config
+                .rate_limit
+                .as_ref()
+                .and_then(|r| r.global_service.clone())
+            {
+                let key = ServiceKey { namespace, name };
+                let replicas = self
+                    .services
+                    .get(&key)
+                    .map_or(0, |s| endpoints::ready_count(s.slices.values()));
+                if let Some(limits) = &mut config.rate_limit {
+                    limits.share_global(u32::try_from(replicas).unwrap_or(u32::MAX));
+                }
+                derived.services.insert(key);
+            }
             for backend in &config.backends {
                 let BackendTarget::Service {
                     namespace,
