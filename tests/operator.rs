@@ -446,6 +446,7 @@ async fn two_operators_only_the_leader_writes_and_a_dead_leader_is_replaced_with
         "op-b should take over after the leader died"
     );
     let handover = killed.elapsed();
+    eprintln!("handover after the leader died: {handover:?} (lease {LEASE:?})");
     assert!(
         handover <= LEASE + Duration::from_secs(1),
         "handover should happen within the lease duration ({LEASE:?}) plus polling, took {handover:?}"
