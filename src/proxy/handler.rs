@@ -232,6 +232,8 @@ async fn forward<'p>(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
+    // What a successful unsafe request must invalidate in the cache afterwards.
+    let mut invalidate = None;
     if let Some(cache) = &policy.cache {
         let host = authority.as_ref().map_or("", Authority::as_str);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -245,17 +247,24 @@ async fn forward<'p>(
             }
         }
         if !parts.method.is_safe() {
-            let method = parts.method.clone();
-            let (host, path_and_query) = (host.to_owned(), path_and_query.to_owned());
-            let (response, outcome) =
-                send(state, policy, conn, parts, body, authority, client_upgrade).await;
-            if outcome.error.is_none() && crate::cache::invalidates(&method, response.status()) {
-                cache.cache.invalidate(&host, &path_and_query);
-            }
-            return (response, outcome);
+            invalidate = Some((
+                cache,
+                parts.method.clone(),
+                host.to_owned(),
+                path_and_query.to_owned(),
+            ));
         }
     }
-    send(state, policy, conn, parts, body, authority, client_upgrade).await
+    // One call site: a second `send(..).await` would give this future a second copy of its
+    // (large) state.
+    let (response, outcome) =
+        send(state, policy, conn, parts, body, authority, client_upgrade).await;
+    if let Some((cache, method, host, path_and_query)) = invalidate {
+        if outcome.error.is_none() && crate::cache::invalidates(&method, response.status()) {
+            cache.cache.invalidate(&host, &path_and_query);
+        }
+    }
+    (response, outcome)
 }
 
 /// Sends a checked request with the client's body (buffered for retries when small enough).
