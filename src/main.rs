@@ -121,7 +121,8 @@ struct CommonArgs {
     /// Time between failing readiness and closing listeners on SIGTERM (lets load balancers notice).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     shutdown_delay: Duration,
-    /// How often the policy file is checked for changes.
+    /// How often the policy file is checked for changes (`run`), and the period of the maintenance
+    /// tick: idle upstream connections reaped, rate-limit and cache metrics refreshed.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     reload_interval: Duration,
 }
