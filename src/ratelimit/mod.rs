@@ -173,6 +173,41 @@ impl From<SlidingWindow> for AnyLimiter {
 
 /// `now` in nanoseconds since `epoch`; a reading from before the epoch (a caller that read the
 /// clock just before the limiter was created) counts as the epoch itself.
+/// How many of `tasks` × `tries` acquisitions `limiter` admits when the tasks start together
+/// on a multi-threaded runtime (the limiters' race tests).
+#[cfg(test)]
+pub(crate) async fn admitted_concurrently<L: Limiter + 'static>(
+    limiter: std::sync::Arc<L>,
+    tasks: usize,
+    tries: usize,
+) -> u32 {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let allowed = Arc::new(AtomicU32::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (limiter, allowed, barrier) = (limiter.clone(), allowed.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                for i in 0..tries {
+                    if limiter.try_acquire(Instant::now()).is_allowed() {
+                        allowed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if i % 16 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.expect("acquiring task");
+    }
+    allowed.load(Ordering::Relaxed)
+}
+
 fn nanos_since(epoch: Instant, now: Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }

@@ -171,7 +171,6 @@ impl fmt::Debug for SlidingWindow {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
@@ -398,30 +397,8 @@ mod tests {
         const TRIES: usize = 200;
         const LIMIT: u32 = 100;
         let limiter = Arc::new(window(LIMIT, Duration::from_secs(3600)));
-        let allowed = Arc::new(AtomicU32::new(0));
-        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|_| {
-                let (limiter, allowed, barrier) =
-                    (limiter.clone(), allowed.clone(), barrier.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    for i in 0..TRIES {
-                        if limiter.try_acquire(Instant::now()).is_allowed() {
-                            allowed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if i % 16 == 0 {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("acquiring task");
-        }
         assert_eq!(
-            allowed.load(Ordering::Relaxed),
+            crate::ratelimit::admitted_concurrently(limiter, TASKS, TRIES).await,
             LIMIT,
             "{TASKS} tasks × {TRIES} tries must admit exactly the limit"
         );
