@@ -420,12 +420,9 @@ impl PendingEntry {
         headers: HeaderMap,
         storable: Storable,
         timing: Timing,
+        expected_len: Option<u64>,
         max_object_bytes: u64,
     ) -> Self {
-        let expected_len = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
         // Reserve what was announced, but never more than the cap.
         let reserve = expected_len.unwrap_or(0).min(max_object_bytes);
         Self {

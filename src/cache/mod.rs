@@ -421,6 +421,7 @@ impl Cache {
             response_headers.clone(),
             storable,
             timing,
+            announced,
             max_object_bytes,
         ))
     }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::body::{CacheFill, ResponseBody};
 use super::error::ProxyError;
-use super::handler::{AttemptBody, ConnContext, Outcome, ProxyState, dispatch, fail};
+use super::handler::{AttemptBody, ConnContext, Outcome, ProxyState, dispatch, fail, request_head};
 use crate::cache::{
     CacheKey, CachedResponse, Coalesce, LeaderGuard, LeaderResult, Lookup, Revalidation, Timing,
 };
@@ -187,7 +187,7 @@ async fn fetch_and_store<'p>(
     } = fetch;
     // A revalidation whose 304 turns out to validate another representation is repeated
     // unconditionally: keep the head for that.
-    let mut unconditional = revalidation.as_ref().map(|_| copy_head(&parts));
+    let mut unconditional = revalidation.as_ref().map(|_| request_head(&parts));
     let mut head = parts;
     if let Some(revalidation) = &revalidation {
         // The cache's validators replace the client's own: a 304 must be about the stored entry.
@@ -299,16 +299,6 @@ fn timing_since(request_time: Instant) -> Timing {
         response_time: Instant::now(),
         response_date: SystemTime::now(),
     }
-}
-
-/// A copy of a request head.
-fn copy_head(parts: &request::Parts) -> request::Parts {
-    let mut head = http::Request::new(()).into_parts().0;
-    head.method = parts.method.clone();
-    head.uri = parts.uri.clone();
-    head.version = parts.version;
-    head.headers = parts.headers.clone();
-    head
 }
 
 /// Serves a stored response, or `304` when the client's own validators match it.

@@ -662,7 +662,7 @@ fn reject_overloaded<'p>(
 }
 
 /// The request head again, for another attempt.
-fn request_head(parts: &http::request::Parts) -> http::request::Parts {
+pub(super) fn request_head(parts: &http::request::Parts) -> http::request::Parts {
     let mut head = Request::new(()).into_parts().0;
     head.method = parts.method.clone();
     head.uri = parts.uri.clone();
