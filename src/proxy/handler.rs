@@ -267,7 +267,8 @@ async fn forward<'p>(
     (response, outcome)
 }
 
-/// Sends a checked request with the client's body (buffered for retries when small enough).
+/// Sends a checked request with the client's body (buffered for retries when small enough; the
+/// body's exact size is its `Content-Length`, already parsed by hyper).
 async fn send<'p>(
     state: &ProxyState,
     policy: &'p PolicyRuntime,
@@ -281,7 +282,9 @@ async fn send<'p>(
     let limit = policy.config.limits.max_request_body_bytes;
     let body = if body.is_end_stream() {
         AttemptBody::Replayable(Bytes::new())
-    } else if content_length_of(&parts.headers)
+    } else if body
+        .size_hint()
+        .exact()
         .is_some_and(|n| n <= policy.config.retry.max_replay_bytes)
         && !upgrade
     {
