@@ -230,6 +230,12 @@ async fn request_body_streams(content_length: bool, http2: bool) {
         )
         .expect("the backend should signal its first bytes");
     let first_bytes = started.elapsed();
+    // The first chunk may reach the backend in pieces (HTTP/2 flow control releases its last
+    // byte a moment later); give it a moment, then it must hold exactly that chunk.
+    let settle = Instant::now();
+    while received.bytes.load(Ordering::SeqCst) < CHUNK && settle.elapsed() < FIRST_BYTES {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     assert_eq!(
         received.bytes.load(Ordering::SeqCst),
         CHUNK,

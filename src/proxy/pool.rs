@@ -465,3 +465,151 @@ impl AsyncWrite for MaybeTls {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A backend speaking just enough HTTP/1.1: answers each request on a connection with a
+    /// `len`-byte body, and closes every connection `close_after` after its first answer.
+    struct Backend {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    impl Backend {
+        async fn start(len: usize, close_after: Option<Duration>) -> Backend {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let count = Arc::clone(&accepted);
+            tokio::spawn(async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 4096];
+                        let mut head = Vec::new();
+                        loop {
+                            let Ok(n) = socket.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            head.extend_from_slice(&buf[..n]);
+                            while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                                head.drain(..end + 4);
+                                let answer =
+                                    format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                                let mut out = answer.into_bytes();
+                                out.resize(out.len() + len, b'x');
+                                if socket.write_all(&out).await.is_err() {
+                                    return;
+                                }
+                                if let Some(after) = close_after {
+                                    tokio::time::sleep(after).await;
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            Backend { addr, accepted }
+        }
+    }
+
+    fn pool_for(addr: SocketAddr) -> Arc<EndpointPool> {
+        let settings = ConnSettings {
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
+            connect_timeout: Duration::from_secs(1),
+        };
+        PoolCache::default()
+            .pool(&addr.to_string(), &settings)
+            .unwrap()
+    }
+
+    async fn get(pool: &Arc<EndpointPool>) -> (Incoming, Option<PoolReturn>) {
+        let conn = pool.checkout(|| true).await.unwrap();
+        let req = Request::get("/").body(RequestBody::empty()).unwrap();
+        match conn.send(pool, req).await {
+            Ok((response, pooled)) => (response.into_body(), pooled),
+            Err(_) => panic!("exchange failed"),
+        }
+    }
+
+    /// One whole exchange, the connection handed back at the end as the proxy does.
+    async fn fetch(pool: &Arc<EndpointPool>) -> usize {
+        let (body, pooled) = get(pool).await;
+        let len = body.collect().await.unwrap().to_bytes().len();
+        if let Some(pooled) = pooled {
+            pooled.release();
+        }
+        len
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_body_has_been_read() {
+        let backend = Backend::start(100_000, None).await;
+        let pool = pool_for(backend.addr);
+        for _ in 0..3 {
+            assert_eq!(fetch(&pool).await, 100_000);
+        }
+        assert_eq!(
+            backend.accepted.load(Ordering::SeqCst),
+            1,
+            "one connection, reused"
+        );
+        assert_eq!(pool.open_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_the_connection() {
+        let backend = Backend::start(1 << 20, None).await;
+        let pool = pool_for(backend.addr);
+        let (mut body, pooled) = get(&pool).await;
+        body.frame().await.unwrap().unwrap();
+        drop((body, pooled));
+        eventually("the half-read connection to close", || {
+            pool.open_connections() == 0
+        })
+        .await;
+        assert_eq!(fetch(&pool).await, 1 << 20);
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_backend_closed_is_never_handed_out() {
+        let backend = Backend::start(10, Some(Duration::ZERO)).await;
+        let pool = pool_for(backend.addr);
+        fetch(&pool).await;
+        eventually("the closed connection to be noticed", || {
+            pool.open_connections() == 0
+        })
+        .await;
+        pool.reap();
+        let conn = pool.checkout(|| true).await.unwrap();
+        assert!(
+            !conn.reused,
+            "the closed pooled connection is not handed out"
+        );
+        drop(conn);
+        assert_eq!(fetch(&pool).await, 10);
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 3);
+    }
+}

@@ -1008,7 +1008,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_body_passes_but_drops_the_connection() -> anyhow::Result<()> {
-        let backend = Backend::start(200, MAX_DRAIN_BYTES + 1).await?;
+        // Large enough that the probe stops reading well before the end.
+        let backend = Backend::start(200, 4 * MAX_DRAIN_BYTES).await?;
         let world = World::new()?;
         let (state, target) = world.target(backend.addr, &config(20, 15, 1, 1))?;
         let checkers = HealthCheckers::new();
