@@ -12,6 +12,7 @@ use breakwater::config::{self, ConfigError};
 use breakwater::demo::{DemoBehaviour, spawn_backend};
 use breakwater::kube::sidecar::{self, SidecarOptions};
 use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::core::v1::ResourceRequirements;
 
 /// The policy `breakwater demo` runs when no --config is given.
 const DEMO_POLICY: &str = include_str!("../examples/demo.yaml");
@@ -60,8 +61,9 @@ enum Command {
         common: CommonArgs,
     },
     /// Run the cluster operator: validates every ResiliencePolicy and writes its status
-    /// (leader-elected on a Lease, so several replicas are safe).
-    Operator(OperatorArgs),
+    /// (leader-elected on a Lease, so several replicas are safe), and serves the sidecar
+    /// injection webhook when given --webhook-cert and --webhook-key.
+    Operator(Box<OperatorArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,6 +83,39 @@ struct OperatorArgs {
     /// This replica's identity in the Lease; defaults to the host name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Address of the sidecar injection webhook (HTTPS, POST /mutate-pods). The webhook runs
+    /// only when --webhook-cert and --webhook-key are given.
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    webhook_addr: SocketAddr,
+    /// PEM certificate chain the webhook serves (e.g. a kubernetes.io/tls Secret's tls.crt);
+    /// re-read when it changes. Without it the webhook is off.
+    #[arg(long, requires = "webhook_key")]
+    webhook_cert: Option<PathBuf>,
+    /// PEM private key of --webhook-cert (e.g. the Secret's tls.key).
+    #[arg(long, requires = "webhook_cert")]
+    webhook_key: Option<PathBuf>,
+    /// Image of injected sidecars.
+    #[arg(long, default_value = concat!("ghcr.io/breakwater/breakwater:", env!("CARGO_PKG_VERSION")))]
+    sidecar_image: String,
+    /// imagePullPolicy of injected sidecars; unset leaves the cluster's default.
+    #[arg(long, value_parser = ["Always", "IfNotPresent", "Never"])]
+    sidecar_image_pull_policy: Option<String>,
+    /// Traffic port (container port `http`) of injected sidecars, unless the pod's
+    /// breakwater.io/proxy-port annotation says otherwise.
+    #[arg(long, default_value_t = 8080)]
+    sidecar_proxy_port: u16,
+    /// Admin port (container port `admin`, probes, /metrics) of injected sidecars.
+    #[arg(long, default_value_t = 9901)]
+    sidecar_admin_port: u16,
+    /// Resources of injected sidecars as a Kubernetes ResourceRequirements in JSON; the pod's
+    /// breakwater.io/proxy-{cpu,memory}[-limit] annotations override single values.
+    /// [default: {"requests":{"cpu":"20m","memory":"16Mi"},"limits":{"memory":"64Mi"}}]
+    #[arg(long, value_parser = parse_resources)]
+    sidecar_resources: Option<ResourceRequirements>,
+    /// An argument appended to injected sidecars' command line (repeat it for more), e.g.
+    /// --sidecar-arg=--log-format --sidecar-arg=json.
+    #[arg(long = "sidecar-arg", allow_hyphen_values = true)]
+    sidecar_args: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -131,6 +166,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     config::units::parse_duration(text)
 }
 
+fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
+    serde_json::from_str(text).map_err(|e| format!("not a ResourceRequirements object: {e}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
@@ -159,7 +198,7 @@ fn main() -> ExitCode {
         Command::Demo { config, common } => {
             run_blocking(common, |common| async move { demo(config, &common).await })
         }
-        Command::Operator(args) => run_operator(args),
+        Command::Operator(args) => run_operator(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -294,6 +333,8 @@ async fn demo(config: Option<PathBuf>, common: &CommonArgs) -> anyhow::Result<()
 }
 
 fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
+    use breakwater::kube::inject::InjectionConfig;
+    use breakwater::kube::operator::webhook::WebhookOptions;
     use breakwater::kube::operator::{self, OperatorOptions};
     use tokio::signal::unix::{SignalKind, signal};
     anyhow::ensure!(
@@ -316,8 +357,25 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         options.admin_addr = args.admin_addr;
         options.lease.duration = args.lease_duration;
         options.lease.name = args.lease_name;
+        if let (Some(cert), Some(key)) = (args.webhook_cert, args.webhook_key) {
+            let mut webhook = WebhookOptions::new(cert, key);
+            webhook.addr = args.webhook_addr;
+            let defaults = InjectionConfig::default();
+            webhook.injection = InjectionConfig {
+                image: args.sidecar_image,
+                image_pull_policy: args.sidecar_image_pull_policy,
+                admin_port: args.sidecar_admin_port,
+                proxy_port: args.sidecar_proxy_port,
+                resources: args.sidecar_resources.unwrap_or(defaults.resources),
+                extra_args: args.sidecar_args,
+                version: defaults.version,
+            };
+            options.webhook = Some(webhook);
+        } else {
+            tracing::info!("no --webhook-cert/--webhook-key: the injection webhook is off");
+        }
         let mut running = operator::start(client, options).await?;
-        tracing::info!(admin = %running.admin_addr(), "operator started");
+        tracing::info!(admin = %running.admin_addr(), webhook = ?running.webhook_addr(), "operator started");
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         tokio::select! {

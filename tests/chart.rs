@@ -1,10 +1,12 @@
 //! The Helm chart (`charts/breakwater`) keeps the intent of the plain install in `manifests/`:
-//! the same CRD, RBAC rules, image, args, env, probes, resources and security contexts, and a
-//! dashboard that only queries metric families the proxy exports.
+//! the same CRD, RBAC rules, image, args, env, probes, resources and security contexts, the
+//! same injection webhook (wired to the server's route and port), and a dashboard that only
+//! queries metric families the proxy exports.
 //!
 //! No `helm` binary runs here, so the chart is checked by parsing its files: literal YAML blocks
-//! of the templates (which must not contain template actions), `values.yaml` (the defaults that
-//! fill the templated parts), `Chart.yaml` and the dashboard JSON. `charts/breakwater/README.md`
+//! of the templates (which must not contain template actions), blocks rendered for the default
+//! values by the few template constructs they use (`render_block`), `values.yaml`,
+//! `Chart.yaml` and the dashboard JSON. `charts/breakwater/README.md`
 //! says how to run `helm lint` and `helm template` where Helm is installed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -108,6 +110,142 @@ fn literal_block_prefix(text: &str, header: &str, what: &str) -> Value {
     let parsed: Value = serde_saphyr::from_str(&block)
         .unwrap_or_else(|e| panic!("{what}: `{header}` block is not YAML ({e}):\n{block}"));
     parsed[header.trim().trim_end_matches(':')].clone()
+}
+
+/// The release the plain manifests correspond to: `helm install breakwater -n breakwater-system`.
+const RELEASE_NAMESPACE: &str = "breakwater-system";
+
+/// The value at `path` (`.Values.a.b`, `.Release.Namespace`, or a template variable of
+/// `variables`) for the default values.
+fn template_value(path: &str, variables: &[(&str, Value)], what: &str) -> Value {
+    if let Some((_, value)) = variables.iter().find(|(name, _)| *name == path) {
+        return value.clone();
+    }
+    if path == ".Release.Namespace" {
+        return RELEASE_NAMESPACE.into();
+    }
+    let Some(rest) = path.strip_prefix(".Values.") else {
+        panic!("{what}: the test cannot evaluate `{path}`");
+    };
+    let mut value = values();
+    for key in rest.split('.') {
+        value = value[key].clone();
+    }
+    value
+}
+
+/// Helm's truthiness: empty strings, lists and maps, false, 0 and null are false.
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// One `{{ ... }}` expression: a value or an `include`, piped through `quote` / `toJson`.
+fn render_expression(expr: &str, variables: &[(&str, Value)], what: &str) -> String {
+    let mut stages = expr.split('|').map(str::trim);
+    let head = stages.next().unwrap_or_default();
+    let mut value = match head {
+        r#"include "breakwater.image" ."# => {
+            let values = values();
+            let tag = match values["image"]["tag"].as_str().unwrap() {
+                "" => yaml(&chart().join("Chart.yaml"))["appVersion"].clone(),
+                tag => tag.into(),
+            };
+            Value::String(format!(
+                "{}:{}",
+                values["image"]["repository"].as_str().unwrap(),
+                tag.as_str().unwrap()
+            ))
+        }
+        r#"include "breakwater.webhook.secretName" ."# => "breakwater-webhook-tls".into(),
+        r#"include "breakwater.operator.fullname" ."# => "breakwater-operator".into(),
+        path => template_value(path, variables, what),
+    };
+    for stage in stages {
+        value = match stage {
+            "quote" => Value::String(serde_json::to_string(&plain(&value)).unwrap()),
+            "toJson" => Value::String(serde_json::to_string(&value).unwrap()),
+            other => panic!("{what}: the test cannot evaluate `| {other}`"),
+        };
+    }
+    plain(&value)
+}
+
+/// A value as a template prints it.
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The block under the line `header` (its more indented lines) as Helm renders it with the
+/// default values, parsed as the value of that key. Understands what the operator's templates
+/// use there: `if`/`with`/`range` over a value (only false ones may guard a body that uses `.`),
+/// `end`, and expressions `render_expression` knows; anything else fails the test. The block
+/// ends at a less indented line or an `end` that closes a block opened before `header`.
+fn render_block(text: &str, header: &str, variables: &[(&str, Value)], what: &str) -> Value {
+    let indent_of = |line: &str| line.len() - line.trim_start().len();
+    let indent = indent_of(header);
+    let mut lines = text.lines().skip_while(|line| *line != header);
+    assert!(lines.next().is_some(), "{what}: no line `{header}`");
+    let control = regex::Regex::new(r"^\{\{-?\s*(if|with|range)\s+(.+?)\s*-?\}\}$").unwrap();
+    let expression = regex::Regex::new(r"\{\{-?\s*(.+?)\s*-?\}\}").unwrap();
+    let end = regex::Regex::new(r"^\{\{-?\s*end\s*-?\}\}$").unwrap();
+    let mut open: Vec<bool> = Vec::new();
+    let mut block = format!("{}\n", header.trim());
+    for line in lines {
+        let trimmed = line.trim();
+        if !trimmed.is_empty() && !trimmed.starts_with("{{") && indent_of(line) <= indent {
+            break;
+        }
+        if let Some(captures) = control.captures(trimmed) {
+            let on = truthy(&template_value(&captures[2], variables, what));
+            assert!(
+                !on || &captures[1] == "if",
+                "{what}: `{trimmed}` has a non-empty default; the test cannot render its body"
+            );
+            open.push(on);
+            continue;
+        }
+        if end.is_match(trimmed) {
+            if open.pop().is_none() {
+                break;
+            }
+            continue;
+        }
+        if open.iter().any(|on| !on) || trimmed.starts_with('#') {
+            continue;
+        }
+        let rendered = expression.replace_all(line, |captures: &regex::Captures| {
+            render_expression(&captures[1], variables, what)
+        });
+        block.push_str(&rendered);
+        block.push('\n');
+    }
+    let parsed: Value = serde_saphyr::from_str(&block)
+        .unwrap_or_else(|e| panic!("{what}: `{header}` does not render to YAML ({e}):\n{block}"));
+    parsed[header.trim().trim_end_matches(':')].clone()
+}
+
+/// Adds `protocol: TCP` to every port of a list (the chart spells out the default).
+fn with_tcp(ports: &Value) -> Value {
+    ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|port| {
+            let mut port = port.clone();
+            port["protocol"] = "TCP".into();
+            port
+        })
+        .collect()
 }
 
 #[test]
@@ -230,10 +368,11 @@ fn operator_deployment_defaults_are_those_of_the_plain_manifests() {
     assert_eq!(operator["securityContext"], container["securityContext"]);
     assert!(template.contains("- name: operator"));
 
-    // Args and env: the literal part is the manifest's; what follows is empty by default.
+    // Args, env, ports and the certificate mount, rendered for the default values.
     assert_eq!(
-        literal_block_prefix(&template, "          args:", what),
-        container["args"]
+        render_block(&template, "          args:", &[], what),
+        container["args"],
+        "args differ from the manifest"
     );
     for optional in ["leaseDuration", "leaseName"] {
         assert_eq!(
@@ -243,22 +382,21 @@ fn operator_deployment_defaults_are_those_of_the_plain_manifests() {
     }
     assert_eq!(operator["extraArgs"], serde_json::json!([]));
     assert_eq!(
-        literal_block_prefix(&template, "          env:", what),
+        render_block(&template, "          env:", &[], what),
         container["env"]
     );
     assert_eq!(operator["extraEnv"], serde_json::json!([]));
     assert_eq!(
-        literal_block_prefix(&template, "          ports:", what),
-        container["ports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|port| {
-                let mut port = port.clone();
-                port["protocol"] = "TCP".into();
-                port
-            })
-            .collect::<Value>()
+        render_block(&template, "          ports:", &[], what),
+        with_tcp(&container["ports"])
+    );
+    assert_eq!(
+        render_block(&template, "          volumeMounts:", &[], what),
+        container["volumeMounts"]
+    );
+    assert_eq!(
+        render_block(&template, "      volumes:", &[], what),
+        pod["volumes"]
     );
 
     // Probes: the literal httpGet plus the timing from values.yaml.
@@ -279,6 +417,141 @@ fn operator_deployment_defaults_are_those_of_the_plain_manifests() {
     assert_eq!(
         operator["podDisruptionBudget"]["minAvailable"],
         pdb["spec"]["minAvailable"]
+    );
+}
+
+#[test]
+fn the_operator_service_is_that_of_the_plain_manifests() {
+    let template = read(&chart().join("templates/service.yaml"));
+    let service = &manifest_objects("manifests/operator.yaml", "Service")[0];
+    assert_eq!(
+        render_block(&template, "  ports:", &[], "templates/service.yaml"),
+        with_tcp(&service["spec"]["ports"])
+    );
+}
+
+/// The injection webhook: on by default with `failurePolicy: Ignore`, registered exactly as
+/// `manifests/webhook.yaml` registers it, and every hop from the API server to the server's
+/// route lines up: webhook config → Service port → container port → `--webhook-addr`, path →
+/// `MUTATE_PODS_PATH`, Secret → mount → `--webhook-cert`/`--webhook-key`.
+#[test]
+fn the_webhook_is_wired_from_the_api_server_to_the_server_route() {
+    use breakwater::kube::inject::InjectionConfig;
+    use breakwater::kube::operator::webhook::{DEFAULT_ADDR, MUTATE_PODS_PATH};
+
+    let values = values();
+    let webhook_values = &values["webhook"];
+    assert_eq!(webhook_values["enabled"], true);
+    assert_eq!(
+        webhook_values["failurePolicy"], "Ignore",
+        "a webhook outage must not block pod creation by default"
+    );
+    assert_eq!(webhook_values["certManager"]["enabled"], false);
+
+    // The registration renders to the plain manifest's (which has no caBundle: the chart's is
+    // generated at install time).
+    let what = "templates/webhook.yaml";
+    let template = read(&chart().join("templates/webhook.yaml"));
+    let variables = [
+        ("$operator", Value::from("breakwater-operator")),
+        ("$caBundle", Value::from("")),
+    ];
+    let charted = render_block(&template, "webhooks:", &variables, what);
+    let manifest = &manifest_objects("manifests/webhook.yaml", "MutatingWebhookConfiguration")[0];
+    assert_eq!(
+        charted, manifest["webhooks"],
+        "{what} webhooks differ from manifests/webhook.yaml"
+    );
+    assert_eq!(manifest["metadata"]["name"], "breakwater-operator");
+    let hook = &charted[0];
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(
+        hook["sideEffects"], "NoneOnDryRun",
+        "dry runs have no side effects"
+    );
+    assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
+    assert_eq!(
+        hook["rules"],
+        serde_json::json!([{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                            "resources": ["pods"], "scope": "Namespaced"}])
+    );
+    let timeout = hook["timeoutSeconds"].as_u64().unwrap();
+    assert!(
+        (1..=10).contains(&timeout),
+        "a short timeout, got {timeout}"
+    );
+    let service_ref = &hook["clientConfig"]["service"];
+    assert_eq!(
+        service_ref["path"], MUTATE_PODS_PATH,
+        "the path the API server calls is the server's route"
+    );
+    assert!(template.contains("caBundle: {{ . }}") && template.contains("genCA"));
+    assert!(template.contains("cert-manager.io/inject-ca-from"));
+    assert!(template.contains(r#"lookup "v1" "Secret" .Release.Namespace $secretName"#));
+
+    // API server → Service port → container port → --webhook-addr.
+    let service = &manifest_objects("manifests/operator.yaml", "Service")[0];
+    assert_eq!(service_ref["name"], service["metadata"]["name"]);
+    assert_eq!(service_ref["namespace"], service["metadata"]["namespace"]);
+    let service_port = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == service_ref["port"])
+        .expect("the Service has the port the webhook config calls");
+    let deployment = manifest_operator_deployment();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let container_port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == service_port["targetPort"])
+        .expect("the container has the Service's target port");
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let flag = |name: &str| -> &str {
+        let at = args.iter().position(|a| *a == name);
+        at.and_then(|i| args.get(i + 1))
+            .copied()
+            .unwrap_or_else(|| panic!("the operator should get {name}"))
+    };
+    let addr: std::net::SocketAddr = flag("--webhook-addr").parse().unwrap();
+    assert_eq!(
+        addr, DEFAULT_ADDR,
+        "the chart listens where the binary does by default"
+    );
+    assert_eq!(container_port["containerPort"], u64::from(addr.port()));
+
+    // Secret → volume → mount → --webhook-cert / --webhook-key.
+    let volume = &pod["volumes"][0];
+    assert_eq!(volume["secret"]["secretName"], "breakwater-webhook-tls");
+    assert_eq!(volume["secret"]["optional"], true);
+    let mount = &container["volumeMounts"][0];
+    assert_eq!(mount["name"], volume["name"]);
+    let dir = mount["mountPath"].as_str().unwrap();
+    assert_eq!(flag("--webhook-cert"), format!("{dir}/tls.crt"));
+    assert_eq!(flag("--webhook-key"), format!("{dir}/tls.key"));
+    let helpers = read(&chart().join("templates/_helpers.tpl"));
+    assert!(helpers.contains(r#"printf "%s-webhook-tls" (include "breakwater.fullname" .)"#));
+
+    // The injected sidecar's defaults are the binary's (and so demo-app.yaml's).
+    let defaults = InjectionConfig::default();
+    let sidecar = &webhook_values["sidecar"];
+    assert_eq!(
+        sidecar["resources"],
+        serde_json::to_value(&defaults.resources).unwrap()
+    );
+    assert_eq!(sidecar["proxyPort"], u64::from(defaults.proxy_port));
+    assert_eq!(sidecar["extraArgs"], serde_json::json!([]));
+    assert_eq!(flag("--sidecar-image"), defaults.image);
+    assert_eq!(
+        flag("--sidecar-image-pull-policy"),
+        values["image"]["pullPolicy"]
     );
 }
 

@@ -46,8 +46,8 @@ fn kubernetes_validate() -> Command {
 fn manifests_and_crd_validate_against_the_kubernetes_schemas() {
     let files = shipped_files();
     assert!(
-        files.len() >= 4,
-        "expected the CRD, operator, sidecar RBAC and demo app, found {files:?}"
+        files.len() >= 5,
+        "expected the CRD, operator, webhook, sidecar RBAC and demo app, found {files:?}"
     );
     let output = kubernetes_validate()
         .args(&files)
@@ -104,6 +104,17 @@ fn every_manifest_uses_the_same_image_and_the_sidecar_role_only_reads() {
                     path.display()
                 );
             }
+        }
+        // Also where it is an argument (the operator's --sidecar-image).
+        for (at, _) in text.match_indices("ghcr.io/breakwater/breakwater:") {
+            let rest = &text[at..];
+            let image = rest.split_whitespace().next().unwrap_or(rest);
+            assert_eq!(
+                image,
+                format!("ghcr.io/breakwater/breakwater:{version}"),
+                "{}: the Breakwater image should match the crate version",
+                path.display()
+            );
         }
     }
     let rbac = std::fs::read_to_string(root.join("manifests/sidecar-rbac.yaml")).unwrap();

@@ -24,7 +24,8 @@ if ((${#packages[@]})); then
         { apt_get update && apt_get install -y "${packages[@]}" >/dev/null; }
 fi
 
-# tests/manifests.rs validates manifests/ and the CRD against the Kubernetes schemas offline.
+# tests/manifests.rs validates manifests/ and the CRD against the Kubernetes schemas offline;
+# tests/webhook.rs validates the pods the injection webhook patches the same way.
 if ! python3 -m kubernetes_validate --version >/dev/null 2>&1; then
     echo "--- installing kubernetes-validate"
     python3 -m pip install --quiet kubernetes-validate

@@ -7,10 +7,14 @@
 //! writes: status by server-side apply with one field manager, and an Event per condition
 //! flip. A write happens only when the derived status differs from what the policy shows,
 //! so the watch event a write causes finds nothing left to do.
+//!
+//! With [`OperatorOptions::webhook`] set, every replica also serves the sidecar injection
+//! webhook ([`webhook`]), independently of the Lease.
 
 pub mod admin;
 pub mod derive;
 pub mod metrics;
+pub mod webhook;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -39,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use self::admin::OperatorAdmin;
 use self::derive::{ClusterView, SERVICE_NAME_LABEL};
 use self::metrics::OperatorMetrics;
+use self::webhook::{RunningWebhook, WebhookError, WebhookOptions};
 use crate::config::spec::{API_VERSION, KIND};
 use crate::kube::lease::{Leadership, LeaseElector, LeaseOptions};
 use crate::kube::{ResiliencePolicy, ResiliencePolicyStatus};
@@ -66,6 +71,8 @@ pub struct OperatorOptions {
     pub resync_period: Duration,
     /// A failed status write is retried after this long.
     pub retry_delay: Duration,
+    /// The sidecar injection webhook; `None` serves none.
+    pub webhook: Option<WebhookOptions>,
 }
 
 /// Why the operator could not start or stopped.
@@ -83,6 +90,9 @@ pub enum OperatorError {
     /// The metric families could not be registered.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The injection webhook could not start.
+    #[error("starting the injection webhook")]
+    Webhook(#[from] WebhookError),
     /// A watch stream ended (they are meant to run forever).
     #[error("the watch of {0} ended")]
     WatchEnded(&'static str),
@@ -101,6 +111,7 @@ pub struct RunningOperator {
     controller: Option<JoinHandle<Result<(), OperatorError>>>,
     elector: Option<JoinHandle<()>>,
     admin_task: Option<JoinHandle<()>>,
+    webhook: Option<RunningWebhook>,
 }
 
 /// The resources the operator watches.
@@ -163,7 +174,8 @@ enum Outcome {
 
 impl OperatorOptions {
     /// Defaults for a replica called `identity` with its Lease in `namespace`: Lease
-    /// `breakwater-operator` of 15 s, admin on `0.0.0.0:9901`, resync every 5 minutes.
+    /// `breakwater-operator` of 15 s, admin on `0.0.0.0:9901`, resync every 5 minutes, no
+    /// webhook.
     pub fn new(identity: impl Into<String>, namespace: impl Into<String>) -> Self {
         OperatorOptions {
             admin_addr: SocketAddr::from(([0, 0, 0, 0], 9901)),
@@ -176,6 +188,7 @@ impl OperatorOptions {
             field_manager: FIELD_MANAGER.to_owned(),
             resync_period: Duration::from_secs(300),
             retry_delay: Duration::from_secs(1),
+            webhook: None,
         }
     }
 }
@@ -213,12 +226,17 @@ impl ClusterView for StoreView<'_> {
     }
 }
 
-/// Binds the admin server, starts the Lease elector, the watches and the control loop.
+/// Binds the admin server (and the webhook, if configured), starts the Lease elector, the
+/// watches and the control loop.
 pub async fn start(
     client: Client,
     options: OperatorOptions,
 ) -> Result<RunningOperator, OperatorError> {
     let metrics = Arc::new(OperatorMetrics::new()?);
+    let webhook = match options.webhook.clone() {
+        Some(webhook_options) => Some(webhook::start(webhook_options, Arc::clone(&metrics)).await?),
+        None => None,
+    };
     let listener = TcpListener::bind(options.admin_addr)
         .await
         .map_err(|source| OperatorError::Bind {
@@ -329,6 +347,7 @@ pub async fn start(
         controller: Some(controller),
         elector: Some(elector),
         admin_task: Some(admin_task),
+        webhook,
     })
 }
 
@@ -353,6 +372,11 @@ impl RunningOperator {
         &self.metrics
     }
 
+    /// Where the injection webhook listens, if it runs.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook.as_ref().map(RunningWebhook::addr)
+    }
+
     /// Resolves when the control loop ends on its own (a watch ended or a task failed).
     pub async fn finished(&mut self) -> Result<(), OperatorError> {
         match self.controller.as_mut() {
@@ -366,9 +390,12 @@ impl RunningOperator {
     }
 
     /// Stops writing, releases the Lease (so another replica takes over at once) and stops
-    /// the watches and the admin server.
+    /// the watches, the admin server and the webhook.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
+        if let Some(webhook) = self.webhook.take() {
+            webhook.shutdown().await;
+        }
         for task in [self.elector.take(), self.admin_task.take()]
             .into_iter()
             .flatten()

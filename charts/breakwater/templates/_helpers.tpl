@@ -38,6 +38,13 @@ Name of the sidecar Role and RoleBinding in each application namespace.
 {{- end }}
 
 {{/*
+The Secret holding the webhook's serving certificate (tls.crt, tls.key, and ca.crt).
+*/}}
+{{- define "breakwater.webhook.secretName" -}}
+{{- printf "%s-webhook-tls" (include "breakwater.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
 The operator's ServiceAccount name.
 */}}
 {{- define "breakwater.operator.serviceAccountName" -}}

@@ -9,6 +9,17 @@ use crate::metrics::MetricsError;
 /// Results `operator_reconciles_total` counts.
 pub const RESULTS: &[&str] = &["written", "unchanged", "not_leader", "error"];
 
+/// Results `webhook_requests_total` counts: the injection outcomes, plus `dry_run` (every
+/// dry-run review, whatever its outcome, so dry runs never count as injections).
+pub const WEBHOOK_RESULTS: &[&str] = &[
+    "injected",
+    "skipped",
+    "already_injected",
+    "invalid",
+    "error",
+    "dry_run",
+];
+
 /// Everything the operator counts.
 pub struct OperatorMetrics {
     registry: Registry,
@@ -26,6 +37,10 @@ pub struct OperatorMetrics {
     pub watch_errors: IntCounterVec,
     /// 1 once the policy, Service and EndpointSlice caches completed their first list.
     pub synced: IntGauge,
+    /// Injection webhook reviews by result (see [`WEBHOOK_RESULTS`]).
+    pub webhook_requests: IntCounterVec,
+    /// Webhook certificate (re)loads from disk, by result (`loaded`, `failed`).
+    pub webhook_certificate_reloads: IntCounterVec,
 }
 
 impl OperatorMetrics {
@@ -63,6 +78,20 @@ impl OperatorMetrics {
             "operator_caches_synced",
             "1 once every watched resource completed its first list",
         )?;
+        let webhook_requests = IntCounterVec::new(
+            Opts::new(
+                "webhook_requests_total",
+                "Sidecar injection reviews answered, by result",
+            ),
+            &["result"],
+        )?;
+        let webhook_certificate_reloads = IntCounterVec::new(
+            Opts::new(
+                "webhook_certificate_reloads_total",
+                "Webhook serving certificate loads from disk, by result",
+            ),
+            &["result"],
+        )?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
@@ -70,11 +99,19 @@ impl OperatorMetrics {
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(watch_errors.clone()))?;
         registry.register(Box::new(synced.clone()))?;
+        registry.register(Box::new(webhook_requests.clone()))?;
+        registry.register(Box::new(webhook_certificate_reloads.clone()))?;
         for result in RESULTS {
             reconciles.with_label_values(&[*result]);
         }
         for accepted in ["true", "false"] {
             policies.with_label_values(&[accepted]);
+        }
+        for result in WEBHOOK_RESULTS {
+            webhook_requests.with_label_values(&[*result]);
+        }
+        for result in ["loaded", "failed"] {
+            webhook_certificate_reloads.with_label_values(&[result]);
         }
         Ok(OperatorMetrics {
             registry,
@@ -85,6 +122,8 @@ impl OperatorMetrics {
             events,
             watch_errors,
             synced,
+            webhook_requests,
+            webhook_certificate_reloads,
         })
     }
 
