@@ -14,6 +14,12 @@ use breakwater::kube::sidecar::{self, SidecarOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
+/// mimalloc rather than the system allocator: per-request buffers (hyper's 8 KiB read buffers
+/// among them) are allocated and freed at a fraction of glibc's cost; measured in
+/// `bench/README.md`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The policy `breakwater demo` runs when no --config is given.
 const DEMO_POLICY: &str = include_str!("../examples/demo.yaml");
 

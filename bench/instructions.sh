@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind: breakwater against nginx
+# (plain `proxy_pass`, and with the same forwarding headers breakwater adds) in front of the same
+# nginx backend. Unlike CPU time, instruction counts barely move with load on the machine, so
+# this is the figure to compare revisions by on a shared VM. It counts user-space work only
+# (the proxies make the same system calls per request: two reads and two writes).
+#
+# Usage: bash bench/instructions.sh
+# Env:
+#   BREAKWATER_BIN   binary to measure (default: cargo build --release, then
+#                    ${CARGO_TARGET_DIR:-target}/release/breakwater)
+#   DURATION         seconds of wrk load per proxy, after a 1 s warm-up (default 5)
+#   CONNECTIONS      wrk connections (default 32)
+# Loopback only; every process it starts is stopped by PID on exit.
+set -euo pipefail
+
+DURATION="${DURATION:-5}"
+CONNECTIONS="${CONNECTIONS:-32}"
+[[ "$DURATION" =~ ^[0-9]+$ ]] && ((DURATION >= 1 && DURATION <= 120)) ||
+    { echo "DURATION must be 1-120" >&2; exit 2; }
+[[ "$CONNECTIONS" =~ ^[0-9]+$ ]] && ((CONNECTIONS >= 1 && CONNECTIONS <= 1000)) ||
+    { echo "CONNECTIONS must be 1-1000" >&2; exit 2; }
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+for tool in nginx wrk valgrind callgrind_control callgrind_annotate curl python3; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx wrk valgrind curl)" >&2; exit 1; }
+done
+if [[ -z "${BREAKWATER_BIN:-}" ]]; then
+    (cd "$root" && cargo build --release --locked -q)
+    BREAKWATER_BIN="${CARGO_TARGET_DIR:-$root/target}/release/breakwater"
+fi
+
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+backend=$(free_port); plain=$(free_port); fwd=$(free_port); bw=$(free_port); admin=$(free_port)
+
+cat >"$work/backend.conf" <<EOF
+worker_processes 1; master_process off; daemon off;
+pid $work/backend.pid; error_log $work/backend.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
+  uwsgi_temp_path $work; scgi_temp_path $work;
+  server { listen 127.0.0.1:$backend; location / { return 200 "ok\n"; } } }
+EOF
+# One nginx process (no master) so callgrind sees the worker; two servers: plain and with the
+# forwarding headers breakwater adds (X-Forwarded-*, Forwarded, Via both ways).
+cat >"$work/proxy.conf" <<EOF
+worker_processes 1; master_process off; daemon off;
+pid $work/proxy.pid; error_log $work/proxy.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
+  uwsgi_temp_path $work; scgi_temp_path $work;
+  upstream backend { server 127.0.0.1:$backend; keepalive 64; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:$plain; location / { proxy_pass http://backend;
+      proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:$fwd; location / { proxy_pass http://backend;
+      proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header X-Forwarded-Port \$server_port;
+      proxy_set_header Forwarded "for=\$remote_addr;host=\$host;proto=\$scheme";
+      proxy_set_header Via "1.1 nginx";
+      add_header Via "1.1 nginx"; } } }
+EOF
+cat >"$work/bw.yaml" <<EOF
+apiVersion: breakwater.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: bench}
+spec:
+  listener: {port: $bw, address: 127.0.0.1}
+  backends:
+    - {name: app, url: "http://127.0.0.1:$backend"}
+EOF
+
+wait_http() {
+    for _ in $(seq 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "no answer from $1" >&2; exit 1
+}
+
+nginx -p "$work" -c "$work/backend.conf" -e "$work/backend.err" & pids+=($!)
+wait_http "http://127.0.0.1:$backend/"
+
+# Runs wrk against URL while callgrind counts PID (dumping to PREFIX.N); prints the requests
+# and the instructions counted for them.
+measure() {
+    local pid=$1 url=$2 prefix=$3
+    wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    local requests
+    requests=$(timeout $((DURATION + 30)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "$url" |
+        awk '/requests in/ {print $1}')
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 0.5
+    local dump total
+    # Each dump goes to PREFIX.N; the newest is this run's.
+    dump=$(ls -t "$prefix".* 2>/dev/null | head -1)
+    total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1}')
+    echo "$requests $total"
+}
+
+valgrind --tool=callgrind --callgrind-out-file="$work/nginx.cg" \
+    nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy.err" 2>"$work/nginx.vg" & pids+=($!)
+nginx_pid=$!
+wait_http "http://127.0.0.1:$plain/"
+read -r n_plain i_plain < <(measure "$nginx_pid" "http://127.0.0.1:$plain/" "$work/nginx.cg")
+read -r n_fwd i_fwd < <(measure "$nginx_pid" "http://127.0.0.1:$fwd/" "$work/nginx.cg")
+
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/bw.cg" \
+    "$BREAKWATER_BIN" run --config "$work/bw.yaml" --admin-addr "127.0.0.1:$admin" --workers 1 \
+    >"$work/bw.log" 2>&1 & pids+=($!)
+bw_pid=$!
+wait_http "http://127.0.0.1:$admin/ready"
+read -r n_bw i_bw < <(measure "$bw_pid" "http://127.0.0.1:$bw/" "$work/bw.cg")
+
+python3 - "$n_plain" "$i_plain" "$n_fwd" "$i_fwd" "$n_bw" "$i_bw" <<'EOF'
+import sys
+n_plain, i_plain, n_fwd, i_fwd, n_bw, i_bw = map(int, sys.argv[1:])
+rows = [("nginx", n_plain, i_plain), ("nginx-fwd", n_fwd, i_fwd), ("breakwater", n_bw, i_bw)]
+print(f"{'proxy':<12}{'requests':>10}{'instructions':>16}{'per request':>13}")
+per = {}
+for name, n, i in rows:
+    per[name] = i / n if n else float("nan")
+    print(f"{name:<12}{n:>10}{i:>16}{per[name]:>13.0f}")
+print(f"breakwater/nginx     instructions per request: {per['breakwater'] / per['nginx']:.2f} (lower is better)")
+print(f"breakwater/nginx-fwd instructions per request: {per['breakwater'] / per['nginx-fwd']:.2f}")
+EOF
