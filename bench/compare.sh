@@ -1,0 +1,899 @@
+#!/usr/bin/env bash
+# Issue #7 comparison harness: nginx, HAProxy and breakwater as reverse proxies in front of the
+# same fast nginx backend, on 127.0.0.1 only, every run bounded in time. See bench/README.md,
+# section "Comparison with nginx and HAProxy (issue #7)".
+#
+# Usage: bash bench/compare.sh
+# Env:
+#   SCENARIOS       space/comma separated subset of: plain features c1000 h2 (default: all)
+#   DURATION        seconds of load per measured run (default 10)
+#   ROUNDS          interleaved rounds per scenario (default 3)
+#   WARMUP          seconds of unmeasured load per proxy and scenario (default 1, 0 = off)
+#   CONNECTIONS     wrk/oha/h2load connections for plain, features and h2 (default 32)
+#   HIGH_CONNECTIONS  wrk connections for the c1000 scenario (default 1000)
+#   H2_STREAMS      h2load concurrent streams per connection (default 10)
+#   RATE            fixed request rate for the oha latency runs (default: half of nginx's median
+#                   wrk req/s in this run's plain scenario)
+#   BREAKWATER_BIN  use this binary instead of `cargo build --release`
+#   NO_INSTALL=1    never run apt-get or cargo install; fail if a required tool is missing
+#                   (a missing oha only skips the fixed-rate rows)
+#   OHA_INSTALL_TIMEOUT  seconds allowed for `cargo install oha` (default 1200)
+#   CHECK_ONLY=1    start everything, check every proxy answers (and h2c), then stop; no load
+#   TOOLS_ROOT      where `cargo install oha` puts it (default ~/.cache/breakwater-tools)
+#   PIN=0           do not pin CPUs (default on 2+ CPUs: proxies on the last CPU, backend and
+#                   load generators on the others)
+set -euo pipefail
+
+DURATION="${DURATION:-10}"
+ROUNDS="${ROUNDS:-3}"
+WARMUP="${WARMUP:-1}"
+CONNECTIONS="${CONNECTIONS:-32}"
+HIGH_CONNECTIONS="${HIGH_CONNECTIONS:-1000}"
+H2_STREAMS="${H2_STREAMS:-10}"
+RATE="${RATE:-}"
+NO_INSTALL="${NO_INSTALL:-0}"
+OHA_INSTALL_TIMEOUT="${OHA_INSTALL_TIMEOUT:-1200}"
+SCENARIOS="${SCENARIOS:-plain features c1000 h2}"
+TOOLS_ROOT="${TOOLS_ROOT:-$HOME/.cache/breakwater-tools}"
+LOAD_THREADS=1
+PIN="${PIN:-1}"
+PIN_PROXY=()
+PIN_LOAD=()
+if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
+    LAST_CPU=$(($(nproc) - 1))
+    PIN_PROXY=(taskset -c "$LAST_CPU")
+    PIN_LOAD=(taskset -c "0-$((LAST_CPU - 1))")
+fi
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+RESULTS_DIR="$SCRIPT_DIR/results"
+
+log() { printf '[compare] %s\n' "$*" >&2; }
+die() { printf '[compare] ERROR: %s\n' "$*" >&2; exit 1; }
+
+check_int() { # name value min max
+    if ! [[ "$2" =~ ^[0-9]+$ ]] || ((10#$2 < $3 || 10#$2 > $4)); then
+        die "$1 must be an integer $3..$4 (got '$2')"
+    fi
+}
+check_int DURATION "$DURATION" 1 300
+check_int ROUNDS "$ROUNDS" 1 20
+check_int WARMUP "$WARMUP" 0 60
+check_int CONNECTIONS "$CONNECTIONS" 1 1000
+check_int HIGH_CONNECTIONS "$HIGH_CONNECTIONS" 1 5000
+check_int H2_STREAMS "$H2_STREAMS" 1 100
+check_int OHA_INSTALL_TIMEOUT "$OHA_INSTALL_TIMEOUT" 60 3600
+[[ -z "$RATE" ]] || check_int RATE "$RATE" 1 10000000
+
+declare -A WANT=()
+for s in ${SCENARIOS//,/ }; do
+    case "$s" in
+        plain | features | c1000 | h2) WANT[$s]=1 ;;
+        *) die "unknown scenario '$s' (known: plain features c1000 h2)" ;;
+    esac
+done
+((${#WANT[@]})) || die "SCENARIOS is empty"
+want() { [[ -n "${WANT[$1]:-}" ]]; }
+SCENARIO_LIST=""
+for s in plain features c1000 h2; do
+    if want "$s"; then SCENARIO_LIST+="${SCENARIO_LIST:+ }$s"; fi
+done
+
+# ---------------------------------------------------------------------------
+# Dependencies
+# ---------------------------------------------------------------------------
+NGINX="$(command -v nginx || true)"
+[[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+HAPROXY="$(command -v haproxy || true)"
+[[ -z "$HAPROXY" && -x /usr/sbin/haproxy ]] && HAPROXY=/usr/sbin/haproxy
+missing=()
+[[ -n "$NGINX" ]] || missing+=(nginx)
+[[ -n "$HAPROXY" ]] || missing+=(haproxy)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+if ((${#missing[@]})); then
+    [[ "$NO_INSTALL" == 1 ]] && die "missing: ${missing[*]} (NO_INSTALL=1 set)"
+    command -v apt-get >/dev/null 2>&1 || die "missing: ${missing[*]} and no apt-get to install them"
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+    NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+    HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
+fi
+[[ -x "$NGINX" ]] || die "nginx not found after install"
+[[ -x "$HAPROXY" ]] || die "haproxy not found after install"
+command -v wrk >/dev/null 2>&1 || die "wrk not found after install"
+command -v h2load >/dev/null 2>&1 || die "h2load not found after install"
+
+# oha: only the fixed-rate latency rows of `plain` need it. A failed install skips those rows.
+OHA="$(command -v oha || true)"
+[[ -z "$OHA" && -x "$TOOLS_ROOT/bin/oha" ]] && OHA="$TOOLS_ROOT/bin/oha"
+OHA_NOTE=""
+if [[ -z "$OHA" ]] && want plain; then
+    if [[ "$NO_INSTALL" == 1 ]]; then
+        OHA_NOTE="oha not found and NO_INSTALL=1: fixed-rate latency rows skipped"
+    elif ! command -v cargo >/dev/null 2>&1; then
+        OHA_NOTE="oha not found and no cargo to install it: fixed-rate latency rows skipped"
+    else
+        log "installing oha: cargo install oha --locked --root $TOOLS_ROOT (up to ${OHA_INSTALL_TIMEOUT}s, once)"
+        mkdir -p "$TOOLS_ROOT"
+        if timeout --kill-after=10 "$OHA_INSTALL_TIMEOUT" \
+            cargo install oha --locked --root "$TOOLS_ROOT" >"$TOOLS_ROOT/oha-install.log" 2>&1 &&
+            [[ -x "$TOOLS_ROOT/bin/oha" ]]; then
+            OHA="$TOOLS_ROOT/bin/oha"
+        else
+            OHA_NOTE="cargo install oha failed (log: $TOOLS_ROOT/oha-install.log): fixed-rate latency rows skipped"
+        fi
+    fi
+    [[ -z "$OHA_NOTE" ]] || log "NOTE: $OHA_NOTE"
+fi
+CLK_TCK="$(getconf CLK_TCK)"
+
+# 1000 client connections plus the upstream side need more than the usual 1024 descriptors.
+NOFILE=$((HIGH_CONNECTIONS * 4 + 4096))
+if (($(ulimit -n) < NOFILE)); then
+    ulimit -n "$NOFILE" 2>/dev/null || die "cannot raise the open-file limit to $NOFILE (ulimit -n)"
+fi
+
+# ---------------------------------------------------------------------------
+# Process bookkeeping and cleanup (by recorded PID only)
+# ---------------------------------------------------------------------------
+TMP="$(mktemp -d /tmp/breakwater-compare.XXXXXX)"
+STARTED_PIDS=()
+
+children_of() { # direct children of a PID (nginx workers)
+    local pid="$1" c line rest _state ppid
+    for c in /proc/[0-9]*/stat; do
+        line="$(cat "$c" 2>/dev/null)" || continue
+        # field 4 is ppid; comm (field 2) may contain spaces, so cut after ')'
+        rest="${line##*) }"
+        read -r _state ppid _ <<<"$rest"
+        if [[ "$ppid" == "$pid" ]]; then
+            c="${c#/proc/}"
+            echo "${c%/stat}"
+        fi
+    done
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    local pid kids=() p i
+    for pid in "${STARTED_PIDS[@]}"; do
+        for p in $(children_of "$pid"); do kids+=("$p"); done
+    done
+    for pid in "${STARTED_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+    done
+    for ((i = 0; i < 50; i++)); do
+        local alive=0
+        for pid in "${STARTED_PIDS[@]}" "${kids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${STARTED_PIDS[@]}" "${kids[@]}"; do
+        kill -KILL "$pid" 2>/dev/null
+    done
+    for pid in "${STARTED_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null
+    done
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------
+# Ports: ask the kernel for distinct free loopback ports, then release them.
+# ---------------------------------------------------------------------------
+read -r BACKEND_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT \
+    BW_PORT BW_ADMIN BWF_PORT BWF_ADMIN BWL_PORT BWL_ADMIN < <(python3 - <<'PY'
+import socket
+socks = []
+for _ in range(11):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+PY
+)
+log "ports: backend=$BACKEND_PORT nginx=$NGINX_PORT/$NGINX_H2_PORT(h2) haproxy=$HAPROXY_PORT/$HAPROXY_H2_PORT(h2) breakwater=$BW_PORT features=$BWF_PORT features+log=$BWL_PORT"
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+# wait_http URL SECONDS [PID]: poll until the URL answers 2xx, bounded in time.
+wait_http() {
+    local url="$1" secs="$2" pid="${3:-}" i
+    for ((i = 0; i < secs * 10; i++)); do
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
+            return 2
+        fi
+        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# proc_tree PID: the PID and its direct children (nginx master + workers).
+proc_tree() { echo "$1"; children_of "$1"; }
+
+# cpu_ticks PID: utime+stime of the process and its direct children, in clock ticks.
+cpu_ticks() {
+    local total=0 p line rest f
+    for p in $(proc_tree "$1"); do
+        line="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+        rest="${line##*) }"
+        # after comm: state(3) ppid(4) ... utime(14) stime(15) -> indices 11,12
+        read -r -a f <<<"$rest"
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+
+# peak_rss_kib PID: sum of VmHWM over the process and its direct children.
+peak_rss_kib() {
+    local total=0 p v
+    for p in $(proc_tree "$1"); do
+        v="$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)"
+        [[ -n "$v" ]] && total=$((total + v))
+    done
+    echo "$total"
+}
+
+nginx_common() { # $1 = dir
+    cat <<EOF
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections $((HIGH_CONNECTIONS * 2 + 1024)); }
+EOF
+}
+
+nginx_http_common() { # $1 = dir
+    cat <<EOF
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    client_body_temp_path $1/tmp/client_body;
+    proxy_temp_path $1/tmp/proxy;
+    fastcgi_temp_path $1/tmp/fastcgi;
+    uwsgi_temp_path $1/tmp/uwsgi;
+    scgi_temp_path $1/tmp/scgi;
+EOF
+}
+
+start_nginx() { # $1 = name, $2 = conf file, $3.. = CPU pinning prefix; sets LAST_PID
+    local dir name="$1" conf="$2"
+    shift 2
+    dir="$(dirname "$conf")"
+    "$NGINX" -t -q -p "$dir" -e "$dir/error.log" -c "$conf" >"$dir/test.log" 2>&1 ||
+        { cat "$dir/test.log" >&2; die "nginx config for $name is invalid"; }
+    "$@" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$conf" >"$dir/stdout.log" 2>&1 &
+    LAST_PID=$!
+    STARTED_PIDS+=("$LAST_PID")
+}
+
+check_body() { # name url: GET through the proxy must return the backend's body
+    local body
+    body="$(curl -sS --max-time 2 "$2" 2>&1 || true)"
+    [[ "$body" == "ok" ]] || die "$1: GET $2 did not return the backend's 'ok' (got: ${body:0:200})"
+}
+
+# ---------------------------------------------------------------------------
+# Backend: nginx returning "ok\n" (1 worker)
+# ---------------------------------------------------------------------------
+B="$TMP/backend"
+mkdir -p "$B/tmp"
+{
+    nginx_common "$B"
+    echo "http {"
+    nginx_http_common "$B"
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$BACKEND_PORT backlog=4096;
+        location / {
+            default_type text/plain;
+            return 200 "ok\n";
+        }
+    }
+}
+EOF
+} >"$B/nginx.conf"
+start_nginx backend "$B/nginx.conf" "${PIN_LOAD[@]}"
+BACKEND_PID=$LAST_PID
+wait_http "http://127.0.0.1:$BACKEND_PORT/" 10 "$BACKEND_PID" ||
+    { cat "$B/error.log" >&2 2>/dev/null || true; die "backend nginx did not become ready"; }
+
+# ---------------------------------------------------------------------------
+# nginx proxy: 1 worker, upstream keepalive; an HTTP/1.1 server and an h2c server
+# (`listen ... http2` on a plain listener = HTTP/2 with prior knowledge in nginx 1.22).
+# ---------------------------------------------------------------------------
+P="$TMP/nginx-proxy"
+mkdir -p "$P/tmp"
+{
+    nginx_common "$P"
+    echo "http {"
+    nginx_http_common "$P"
+    cat <<EOF
+    http2_max_concurrent_streams 128;
+    upstream backend {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+    server {
+        listen 127.0.0.1:$NGINX_H2_PORT http2 backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+} >"$P/nginx.conf"
+start_nginx nginx-proxy "$P/nginx.conf" "${PIN_PROXY[@]}"
+NGINX_PID=$LAST_PID
+wait_http "http://127.0.0.1:$NGINX_PORT/" 10 "$NGINX_PID" ||
+    { cat "$P/error.log" >&2 2>/dev/null || true; die "nginx proxy did not become ready"; }
+check_body nginx "http://127.0.0.1:$NGINX_PORT/"
+
+# ---------------------------------------------------------------------------
+# HAProxy: nbthread 1, http-reuse always, foreground (-db: one process, no master)
+# ---------------------------------------------------------------------------
+H="$TMP/haproxy"
+mkdir -p "$H"
+cat >"$H/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $((HIGH_CONNECTIONS * 2 + 1024))
+    log stderr format raw local0 warning
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    option http-keep-alive
+    http-reuse always
+
+frontend fe_h1
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend be
+
+frontend fe_h2
+    bind 127.0.0.1:$HAPROXY_H2_PORT proto h2
+    default_backend be
+
+backend be
+    http-reuse always
+    server app 127.0.0.1:$BACKEND_PORT
+EOF
+"$HAPROXY" -c -q -f "$H/haproxy.cfg" >"$H/check.log" 2>&1 ||
+    { cat "$H/check.log" >&2; die "haproxy config is invalid"; }
+"${PIN_PROXY[@]}" "$HAPROXY" -db -f "$H/haproxy.cfg" >"$H/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+STARTED_PIDS+=("$HAPROXY_PID")
+wait_http "http://127.0.0.1:$HAPROXY_PORT/" 10 "$HAPROXY_PID" ||
+    { tail -n 40 "$H/haproxy.log" >&2 || true; die "haproxy did not become ready"; }
+check_body haproxy "http://127.0.0.1:$HAPROXY_PORT/"
+
+# ---------------------------------------------------------------------------
+# breakwater: plain, all features (access log off), all features (access log on)
+# ---------------------------------------------------------------------------
+if [[ -n "${BREAKWATER_BIN:-}" ]]; then
+    BIN="$BREAKWATER_BIN"
+else
+    command -v cargo >/dev/null 2>&1 || die "cargo not found (set BREAKWATER_BIN)"
+    log "building breakwater (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --bin breakwater) >&2 || die "cargo build --release failed"
+    TD="${CARGO_TARGET_DIR:-target}"
+    [[ "$TD" == /* ]] || TD="$ROOT/$TD"
+    BIN="$TD/release/breakwater"
+fi
+[[ -x "$BIN" ]] || die "breakwater binary not found or not executable: $BIN"
+BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | head -n1)"
+
+cat >"$TMP/bw-plain.yaml" <<EOF
+apiVersion: breakwater.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: bench}
+spec:
+  listener: {port: $BW_PORT, address: 127.0.0.1}
+  backends:
+    - {name: app, url: "http://127.0.0.1:$BACKEND_PORT"}
+EOF
+
+features_policy() { # $1 = listener port
+    cat <<EOF
+apiVersion: breakwater.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: bench-features}
+spec:
+  listener: {port: $1, address: 127.0.0.1}
+  backends:
+    - {name: app, url: "http://127.0.0.1:$BACKEND_PORT"}
+  timeouts: {connect: 1s, request: 15s, perTry: 5s, idle: 60s, requestHeader: 10s}
+  retry:
+    maxAttempts: 3
+    backoff: {initial: 25ms, max: 1s, multiplier: 2.0, jitter: Full}
+    retryOn: {connectFailure: true, reset: true, timeout: true, statusCodes: [502, 503, 504]}
+    budget: {ratio: 0.2, minRetriesPerSecond: 10}
+  circuitBreaker:
+    enabled: true
+    failureThreshold: 5
+    failureRatio: 0.5
+    minimumRequests: 20
+    window: 10s
+    successThreshold: 2
+    openTimeout: 30s
+    halfOpenMaxRequests: 1
+    maxEjectionPercent: 50
+  overload: {maxConnections: 4096, maxPendingRequests: 4096, maxConcurrentRequests: 4096}
+  healthCheck: {path: /healthz, interval: 1s, timeout: 500ms, unhealthyThreshold: 3, healthyThreshold: 2}
+  rateLimit:
+    algorithm: TokenBucket
+    global: {requestsPerSecond: 1000000, burst: 1000000}
+    perClient: {requestsPerSecond: 1000000, burst: 1000000, key: {clientIp: {}}}
+EOF
+}
+features_policy "$BWF_PORT" >"$TMP/bw-features.yaml"
+features_policy "$BWL_PORT" >"$TMP/bw-features-log.yaml"
+for f in bw-plain bw-features bw-features-log; do
+    timeout 10 "$BIN" validate "$TMP/$f.yaml" >"$TMP/$f.validate" 2>&1 ||
+        { cat "$TMP/$f.validate" >&2; die "breakwater validate rejected $f.yaml"; }
+done
+
+declare -A PROXY_PID PROXY_PORT PROXY_H2_PORT ACCESS_LOG
+start_bw() { # name config port admin rust_log logfile
+    local name="$1" conf="$2" port="$3" admin="$4" level="$5" logf="$6" rc=0
+    # >> (O_APPEND) so the access log file can be truncated between runs.
+    RUST_LOG="$level" "${PIN_PROXY[@]}" "$BIN" run --config "$conf" --admin-addr "127.0.0.1:$admin" \
+        --workers 1 >>"$logf" 2>&1 &
+    LAST_PID=$!
+    STARTED_PIDS+=("$LAST_PID")
+    wait_http "http://127.0.0.1:$admin/ready" 10 "$LAST_PID" || rc=$?
+    if ((rc != 0)); then
+        log "---- $name output (last 40 lines) ----"
+        tail -n 40 "$logf" >&2 || true
+        die "$name did not become ready (rc=$rc, binary: $BIN)"
+    fi
+    check_body "$name" "http://127.0.0.1:$port/"
+    PROXY_PID[$name]=$LAST_PID
+    PROXY_PORT[$name]=$port
+}
+start_bw breakwater "$TMP/bw-plain.yaml" "$BW_PORT" "$BW_ADMIN" warn "$TMP/bw-plain.log"
+if want features; then
+    start_bw bw-features "$TMP/bw-features.yaml" "$BWF_PORT" "$BWF_ADMIN" warn "$TMP/bw-features.log"
+    start_bw bw-features-log "$TMP/bw-features-log.yaml" "$BWL_PORT" "$BWL_ADMIN" info "$TMP/bw-features-log.log"
+    ACCESS_LOG[bw-features-log]="$TMP/bw-features-log.log"
+    grep -q 'breakwater::access' "$TMP/bw-features-log.log" ||
+        die "bw-features-log (RUST_LOG=info) wrote no breakwater::access line for the check request"
+fi
+PROXY_PID[nginx]=$NGINX_PID
+PROXY_PORT[nginx]=$NGINX_PORT
+PROXY_H2_PORT[nginx]=$NGINX_H2_PORT
+PROXY_PID[haproxy]=$HAPROXY_PID
+PROXY_PORT[haproxy]=$HAPROXY_PORT
+PROXY_H2_PORT[haproxy]=$HAPROXY_H2_PORT
+PROXY_H2_PORT[breakwater]=$BW_PORT # breakwater detects h2c prior knowledge on its listener
+
+# h2: keep only the proxies that answer one h2c (prior knowledge) request with the backend's 200.
+H2_PROXIES=()
+H2_NOTE=""
+if want h2; then
+    for name in nginx haproxy breakwater; do
+        if timeout 10 h2load -n1 -c1 "http://127.0.0.1:${PROXY_H2_PORT[$name]}/" >"$TMP/h2check-$name.out" 2>&1 &&
+            grep -q '1 succeeded' "$TMP/h2check-$name.out" && grep -q '1 2xx' "$TMP/h2check-$name.out"; then
+            H2_PROXIES+=("$name")
+        else
+            H2_NOTE+="$name did not answer an h2c prior-knowledge request (left out of h2). "
+            log "h2: $name did not answer h2c prior knowledge; output:"
+            tail -n 5 "$TMP/h2check-$name.out" >&2 || true
+        fi
+    done
+fi
+
+if [[ "${CHECK_ONLY:-0}" == 1 ]]; then
+    log "CHECK_ONLY=1: every proxy started and answered; h2c: ${H2_PROXIES[*]:-not checked}. ${H2_NOTE}No load run."
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# Load tools (each under a hard timeout)
+# ---------------------------------------------------------------------------
+TOOL_TIMEOUT=$((DURATION + 30))
+RAW="$TMP/runs.tsv"
+: >"$RAW"
+
+# load_cmd TOOL PORT SECONDS [RATE]: prints nothing, fills the CMD array.
+load_cmd() {
+    local tool="$1" port="$2" secs="$3" rate="${4:-}"
+    case "$tool" in
+        wrk) CMD=(wrk -t"$LOAD_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency "http://127.0.0.1:$port/") ;;
+        wrk1000) CMD=(wrk -t"$LOAD_THREADS" -c"$HIGH_CONNECTIONS" -d"${secs}s" --timeout 10s --latency "http://127.0.0.1:$port/") ;;
+        oha) CMD=("$OHA" -z "${secs}s" -c "$CONNECTIONS" -q "$rate" --latency-correction --no-tui
+            --output-format json "http://127.0.0.1:$port/") ;;
+        h2load) CMD=(h2load -t"$LOAD_THREADS" -c"$CONNECTIONS" -m"$H2_STREAMS" -D "$secs" "http://127.0.0.1:$port/") ;;
+        *) die "unknown tool $tool" ;;
+    esac
+}
+
+run_load() { # tool port seconds outfile [rate]
+    local CMD=()
+    load_cmd "$1" "$2" "$3" "${5:-}"
+    if ! timeout --kill-after=5 "$TOOL_TIMEOUT" "${PIN_LOAD[@]}" "${CMD[@]}" >"$4" 2>"$4.err"; then
+        cat "$4" "$4.err" >&2 || true
+        die "$1 failed or timed out against port $2: ${CMD[*]}"
+    fi
+}
+
+# measure SCENARIO PROXY ROUND TOOL PORT [RATE]: one measured run, appended to $RAW.
+measure() {
+    local scen="$1" name="$2" r="$3" tool="$4" port="$5" rate="${6:-}" pid t0 t1 rss out lines=0
+    pid="${PROXY_PID[$name]}"
+    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) is no longer running"
+    out="$TMP/$scen-$name-$tool-$r.out"
+    log "$scen round $r/$ROUNDS: $name ($tool, ${DURATION}s${rate:+, ${rate} req/s})"
+    [[ -n "${ACCESS_LOG[$name]:-}" ]] && : >"${ACCESS_LOG[$name]}"
+    t0="$(cpu_ticks "$pid")"
+    run_load "$tool" "$port" "$DURATION" "$out" "$rate"
+    t1="$(cpu_ticks "$pid")"
+    rss="$(peak_rss_kib "$pid")"
+    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) died during $scen round $r"
+    if [[ -n "${ACCESS_LOG[$name]:-}" ]]; then
+        lines="$(grep -c 'breakwater::access' "${ACCESS_LOG[$name]}" || true)"
+        : >"${ACCESS_LOG[$name]}"
+    fi
+    printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n' \
+        "$scen" "$name" "$r" "$tool" "$((t1 - t0))" "$rss" "$out" "${rate:-0}" "$lines" >>"$RAW"
+}
+
+warmup() { # scenario tool proxies...
+    local scen="$1" tool="$2" name port
+    shift 2
+    ((WARMUP > 0)) || return 0
+    for name in "$@"; do
+        port="${PROXY_PORT[$name]}"
+        [[ "$tool" == h2load ]] && port="${PROXY_H2_PORT[$name]}"
+        log "$scen warm-up: $name (${WARMUP}s)"
+        run_load "$tool" "$port" "$WARMUP" "$TMP/warmup-$scen-$name.out"
+    done
+    [[ -z "${ACCESS_LOG[bw-features-log]:-}" ]] || : >"${ACCESS_LOG[bw-features-log]}"
+}
+
+rounds() { # scenario tool [rate] -- proxies...
+    local scen="$1" tool="$2" rate="$3" r name port
+    shift 4
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for name in "$@"; do
+            port="${PROXY_PORT[$name]}"
+            [[ "$tool" == h2load ]] && port="${PROXY_H2_PORT[$name]}"
+            measure "$scen" "$name" "$r" "$tool" "$port" "$rate"
+        done
+    done
+}
+
+median_rps() { # scenario proxy tool: median req/s of the wrk runs so far
+    python3 - "$RAW" "$@" <<'PY'
+import re, statistics, sys
+raw, scen, name, tool = sys.argv[1:5]
+vals = []
+for line in open(raw):
+    f = line.rstrip("\n").split("\t")
+    if f[0] == scen and f[1] == name and f[3] == tool:
+        m = re.search(r"Requests/sec:\s+([0-9.]+)", open(f[6]).read())
+        if m:
+            vals.append(float(m.group(1)))
+print(int(statistics.median(vals)) if vals else 0)
+PY
+}
+
+# ---------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------
+runs=0
+want plain && runs=$((runs + 3 * ROUNDS * 2))
+want features && runs=$((runs + 3 * ROUNDS))
+want c1000 && runs=$((runs + 3 * ROUNDS))
+want h2 && runs=$((runs + 3 * ROUNDS))
+log "about $((runs * DURATION + 12 * WARMUP)) s of load ($runs measured runs of ${DURATION}s)"
+
+OHA_RATE=0
+if want plain; then
+    warmup plain wrk nginx haproxy breakwater
+    rounds plain wrk "" -- nginx haproxy breakwater
+    if [[ -n "$OHA" ]]; then
+        OHA_RATE="${RATE:-$(($(median_rps plain nginx wrk) / 2))}"
+        if ((OHA_RATE < 1)); then
+            OHA_NOTE="could not derive a fixed rate from nginx's wrk runs: fixed-rate rows skipped"
+        else
+            log "fixed-rate latency runs at $OHA_RATE req/s (oha, ${CONNECTIONS} connections)"
+            rounds plain oha "$OHA_RATE" -- nginx haproxy breakwater
+        fi
+    fi
+fi
+if want features; then
+    warmup features wrk nginx bw-features bw-features-log
+    rounds features wrk "" -- nginx bw-features bw-features-log
+fi
+if want c1000; then
+    warmup c1000 wrk1000 nginx haproxy breakwater
+    rounds c1000 wrk1000 "" -- nginx haproxy breakwater
+fi
+if want h2 && ((${#H2_PROXIES[@]})); then
+    warmup h2 h2load "${H2_PROXIES[@]}"
+    rounds h2 h2load "" -- "${H2_PROXIES[@]}"
+fi
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+mkdir -p "$RESULTS_DIR"
+WRK_VERSION="$( (wrk --version 2>&1 || true) | head -n1 | awk '{print $1, $2}')"
+NGINX_VERSION="$("$NGINX" -v 2>&1 || true)"
+HAPROXY_VERSION="$("$HAPROXY" -v 2>/dev/null | head -n1 | awk '{print "haproxy", $3}')"
+H2LOAD_VERSION="$(h2load --version 2>/dev/null | head -n1)"
+OHA_VERSION="$([[ -n "$OHA" ]] && "$OHA" --version 2>/dev/null | head -n1 || echo "oha: not available")"
+HEADER="breakwater comparison (issue #7)  $(date -u +%Y-%m-%dT%H:%M:%SZ)
+host: $(nproc) CPUs, $(uname -sr)
+tools: $NGINX_VERSION; $HAPROXY_VERSION; $WRK_VERSION; $OHA_VERSION; $H2LOAD_VERSION
+breakwater: $BW_VERSION ($BIN)
+scenarios: $SCENARIO_LIST; DURATION=${DURATION}s ROUNDS=$ROUNDS WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS HIGH_CONNECTIONS=$HIGH_CONNECTIONS H2_STREAMS=$H2_STREAMS
+backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64), haproxy nbthread 1 (http-reuse always), breakwater --workers 1
+CPU: utime+stime from /proc (process + child processes), CLK_TCK=$CLK_TCK; RSS: VmHWM (peak)
+pinning: ${PIN_PROXY[*]:-none} for the proxies, ${PIN_LOAD[*]:-none} for backend and load tools"
+
+REPORT="$(python3 - "$RAW" "$CLK_TCK" "$OHA_NOTE" "$H2_NOTE" <<'PY'
+import json, re, statistics, sys
+
+raw_path, clk, oha_note, h2_note = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+NAN = float("nan")
+
+def to_ms(s):
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", s.strip())
+    if not m:
+        raise ValueError(f"unparseable latency {s!r}")
+    return float(m.group(1)) * UNIT[m.group(2)]
+
+def parse_wrk(text):
+    d = {"p999": NAN}
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", text)
+    if not m:
+        raise SystemExit(f"could not parse wrk output:\n{text}")
+    d["rps"] = float(m.group(1))
+    d["requests"] = int(re.search(r"(\d+) requests in ", text).group(1))
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s*{pct}(?:\.0+)?%\s+(\S+)", text, re.M)
+        d["p" + pct] = to_ms(m.group(1)) if m else NAN
+    errs = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        errs += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if m:
+        errs += int(m.group(1))
+    d["errors"] = errs
+    return d
+
+def parse_oha(text):
+    j = json.loads(text)
+    s = j["summary"]
+    lp = j.get("latencyPercentiles", {})
+    codes = {str(k): int(v) for k, v in (j.get("statusCodeDistribution") or {}).items()}
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    errs = sum(v for k, v in codes.items() if not k.startswith("2"))
+    # Requests still in flight when the run's time is up are "aborted due to deadline": an
+    # artefact of stopping, like wrk's unfinished requests, not a proxy error.
+    errs += sum(int(v) for k, v in (j.get("errorDistribution") or {}).items()
+                if "deadline" not in k)
+    def ms(key):
+        v = lp.get(key)
+        return v * 1e3 if v is not None else NAN
+    kinds = {k: int(v) for k, v in (j.get("errorDistribution") or {}).items()}
+    return {"rps": s.get("requestsPerSec") or NAN, "requests": ok + errs, "kinds": kinds,
+            "p50": ms("p50"), "p99": ms("p99"), "p999": ms("p99.9"), "errors": errs}
+
+def parse_h2load(text):
+    m = re.search(r"finished in [0-9.]+\w+, ([0-9.]+) req/s", text)
+    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", text)
+    if not m or not r:
+        raise SystemExit(f"could not parse h2load output:\n{text}")
+    sc = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    errs = int(r.group(5)) + int(r.group(6)) + int(r.group(7))
+    if sc:
+        errs += int(sc.group(3)) + int(sc.group(4))
+    t = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", text)
+    mean = to_ms(t.group(3)) if t else NAN
+    # h2load prints no percentiles; the mean request time stands in the p50 column (marked).
+    return {"rps": float(m.group(1)), "requests": int(r.group(3)), "p50": mean, "p99": NAN,
+            "p999": NAN, "errors": errs}
+
+PARSE = {"wrk": parse_wrk, "wrk1000": parse_wrk, "oha": parse_oha, "h2load": parse_h2load}
+rows = []
+for line in open(raw_path):
+    scen, name, rnd, tool, ticks, rss, path, rate, lines = line.rstrip("\n").split("\t")
+    d = PARSE[tool](open(path).read())
+    cpu_s = int(ticks) / clk
+    d.update(scen=scen, name=name, round=int(rnd), tool=tool, cpu_s=cpu_s, rss_mib=int(rss) / 1024,
+             rate=int(rate), log_lines=int(lines),
+             rpc=(d["requests"] / cpu_s) if cpu_s > 0 else NAN)
+    rows.append(d)
+
+def groups():
+    seen = []
+    for r in rows:
+        k = (r["scen"], r["tool"])
+        if k not in seen:
+            seen.append(k)
+    return seen
+
+def names(scen, tool):
+    out = []
+    for r in rows:
+        if r["scen"] == scen and r["tool"] == tool and r["name"] not in out:
+            out.append(r["name"])
+    return out
+
+def nanmedian(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else NAN
+
+med = {}
+for scen, tool in groups():
+    for n in names(scen, tool):
+        rs = [r for r in rows if r["scen"] == scen and r["tool"] == tool and r["name"] == n]
+        m = {k: nanmedian([r[k] for r in rs]) for k in ("rps", "p50", "p99", "p999", "rpc", "cpu_s")}
+        m["rss_mib"] = max(r["rss_mib"] for r in rs)
+        m["errors"] = sum(r["errors"] for r in rs)
+        m["rounds"] = rs
+        med[(scen, tool, n)] = m
+
+def f(v, spec):
+    return format(v, spec) if v == v else format("-", ">" + spec.split(".")[0].lstrip(">"))
+
+TITLE = {
+    ("plain", "wrk"): "plain forwarding, max throughput (wrk, fixed concurrency)",
+    ("plain", "oha"): "plain forwarding, fixed rate (oha, latency-corrected)",
+    ("features", "wrk"): "all features on (breakwater) vs nginx plain (wrk)",
+    ("c1000", "wrk1000"): "1000 concurrent keep-alive connections (wrk)",
+    ("h2", "h2load"): "HTTP/2 client side, h2c prior knowledge (h2load; upstream HTTP/1.1)",
+}
+out = []
+hdr = (f"{'proxy':<17}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'req/CPU-s':>11}"
+       f"{'CPU s':>7}{'RSS MiB':>9}{'errors':>8}")
+for scen, tool in groups():
+    title = TITLE.get((scen, tool), f"{scen} ({tool})")
+    if tool == "oha":
+        title += f" at {rows[[r['tool'] for r in rows].index('oha')]['rate']} req/s"
+    out.append(f"== {scen}: {title} -- medians")
+    out.append(hdr)
+    out.append("-" * len(hdr))
+    for n in names(scen, tool):
+        m = med[(scen, tool, n)]
+        out.append(f"{n:<17}{f(m['rps'], '>10.0f')}{f(m['p50'], '>9.3f')}{f(m['p99'], '>9.3f')}"
+                   f"{f(m['p999'], '>10.3f')}{f(m['rpc'], '>11.0f')}{f(m['cpu_s'], '>7.2f')}"
+                   f"{m['rss_mib']:>9.1f}{m['errors']:>8d}")
+    if tool == "h2load":
+        out.append("(h2load prints no percentiles: the p50 column holds its mean request time)")
+    if scen == "features":
+        ll = [r for r in rows if r["scen"] == "features" and r["name"] == "bw-features-log"]
+        if ll:
+            out.append("access log lines written by bw-features-log per run: "
+                       + ", ".join(f"{r['log_lines']} of {r['requests']}" for r in ll))
+    out.append("")
+
+for r in rows:
+    if r.get("kinds"):
+        out.append(f"oha error kinds, {r['scen']} {r['name']} round {r['round']} "
+                   f"('aborted due to deadline' = cut off at the end of the run, not counted): {r['kinds']}")
+        out.append("")
+for note in (oha_note, h2_note):
+    if note:
+        out.append(f"NOTE: {note.strip()}")
+        out.append("")
+
+def get(scen, tool, n):
+    return med.get((scen, tool, n))
+
+def per_round_ratio(scen, tool, a, b, key):
+    vals = []
+    ra = {r["round"]: r for r in rows if r["scen"] == scen and r["tool"] == tool and r["name"] == a}
+    for r in rows:
+        if r["scen"] == scen and r["tool"] == tool and r["name"] == b and r["round"] in ra:
+            x, y = ra[r["round"]][key], r[key]
+            if x == x and y == y and y > 0:
+                vals.append(x / y)
+    return vals
+
+checks = []
+def ratio_line(label, scen, tool, a, b, key, what, op=None, target=None, scen_b=None, tool_b=None):
+    ma, mb = get(scen, tool, a), get(scen_b or scen, tool_b or tool, b)
+    if not ma or not mb or not (mb[key] == mb[key]) or mb[key] == 0 or not (ma[key] == ma[key]):
+        return
+    v = ma[key] / mb[key]
+    s = f"{label}: {a}/{b} {what} {v:.2f}"
+    if target is not None:
+        ok = v >= target if op == ">=" else v <= target
+        s += f" (target {op} {target:.2f}) {'OK' if ok else 'MISS'}"
+        checks.append(ok)
+    pr = per_round_ratio(scen, tool, a, b, key) if (scen_b or scen) == scen and (tool_b or tool) == tool else []
+    if len(pr) > 1:
+        s += f"  [per-round median {statistics.median(pr):.2f}, range {min(pr):.2f}-{max(pr):.2f}]"
+    out.append(s)
+
+out.append("== ratios (targets from issue #7)")
+ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "rpc", "req/CPU-s", ">=", 1.10)
+ratio_line("plain", "plain", "wrk", "breakwater", "haproxy", "rpc", "req/CPU-s", ">=", 1.00)
+ratio_line("plain", "plain", "oha", "breakwater", "nginx", "p99", "p99 at fixed rate", "<=", 1.00)
+ratio_line("plain", "plain", "oha", "breakwater", "haproxy", "p99", "p99 at fixed rate")
+ratio_line("plain", "plain", "oha", "breakwater", "nginx", "p999", "p99.9 at fixed rate")
+ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "rps", "req/s")
+ratio_line("plain", "plain", "wrk", "breakwater", "haproxy", "rps", "req/s")
+for n in ("bw-features", "bw-features-log"):
+    ratio_line("features", "features", "wrk", n, "nginx", "rpc", "req/CPU-s", ">=", 0.90)
+    ratio_line("features", "features", "wrk", n, "nginx", "rps", "req/s")
+if get("features", "wrk", "bw-features") and get("plain", "wrk", "breakwater"):
+    ratio_line("features", "features", "wrk", "bw-features", "breakwater", "rpc",
+               "req/CPU-s (vs breakwater plain, other scenario)", scen_b="plain")
+for n in ("nginx", "haproxy", "breakwater"):
+    m = get("c1000", "wrk1000", n)
+    if m:
+        ok = m["errors"] == 0
+        if n == "breakwater":
+            checks.append(ok)
+        out.append(f"c1000: {n} errors {m['errors']}" + (f" (target 0) {'OK' if ok else 'MISS'}" if n == "breakwater" else ""))
+ratio_line("c1000", "c1000", "wrk1000", "breakwater", "nginx", "rpc", "req/CPU-s")
+ratio_line("c1000", "c1000", "wrk1000", "breakwater", "haproxy", "rpc", "req/CPU-s")
+ratio_line("h2", "h2", "h2load", "breakwater", "nginx", "rpc", "req/CPU-s")
+ratio_line("h2", "h2", "h2load", "breakwater", "haproxy", "rpc", "req/CPU-s")
+if checks:
+    out.append(f"targets met: {sum(checks)} of {len(checks)}")
+out.append("")
+
+out.append("== per round")
+out.append(f"{'scenario':<10}{'tool':<9}{'round':<7}{'proxy':<17}{'req/s':>10}{'requests':>10}{'p50 ms':>9}"
+           f"{'p99 ms':>9}{'p99.9 ms':>10}{'CPU s':>7}{'req/CPU-s':>11}{'errors':>8}")
+order = {k: i for i, k in enumerate(groups())}
+for r in sorted(rows, key=lambda r: (order[(r["scen"], r["tool"])], r["round"])):
+    out.append(f"{r['scen']:<10}{r['tool']:<9}{r['round']:<7}{r['name']:<17}{f(r['rps'], '>10.0f')}"
+               f"{r['requests']:>10d}{f(r['p50'], '>9.3f')}{f(r['p99'], '>9.3f')}{f(r['p999'], '>10.3f')}"
+               f"{r['cpu_s']:>7.2f}{f(r['rpc'], '>11.0f')}{r['errors']:>8d}")
+if any(r["errors"] for r in rows):
+    out.append("")
+    out.append("WARNING: some runs had socket errors or non-2xx responses (see 'errors').")
+print("\n".join(out))
+PY
+)"
+
+{
+    echo "$HEADER"
+    echo
+    echo "$REPORT"
+} | tee "$RESULTS_DIR/compare-latest.txt"
+log "written to ${RESULTS_DIR#"$ROOT"/}/compare-latest.txt"
