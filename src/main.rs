@@ -178,7 +178,8 @@ fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Held to the end of `main`: dropping it writes out the lines still queued.
+    let _log_writer = init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Validate { files } => return validate(&files),
         Command::Crd => print_crd(),
@@ -215,15 +216,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Log lines (the access log among them: one per request) go to stderr through a writer
+/// thread that batches whatever is queued into one buffered write, instead of one `write(2)`
+/// per line on the request path. Under sustained overload the queue (128k lines) drops lines
+/// rather than stall the proxy, as Envoy's access log does; dropped lines are reported on exit.
+fn init_tracing(format: LogFormat) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) =
+        tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stderr()));
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    LogWriter {
+        _guard: guard,
+        dropped,
+    }
+}
+
+/// Flushes the log queue when dropped, and says how many lines were dropped.
+struct LogWriter {
+    _guard: tracing_appender::non_blocking::WorkerGuard,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        let dropped = self.dropped.dropped_lines();
+        if dropped > 0 {
+            eprintln!("breakwater: {dropped} log lines were dropped (the log writer fell behind)");
+        }
     }
 }
 

@@ -213,8 +213,13 @@ struct Proxy {
 
 impl Proxy {
     fn spawn(args: &[&str]) -> Proxy {
+        Self::spawn_with_env(args, &[])
+    }
+
+    fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -398,6 +403,81 @@ async fn run_serves_and_drains_in_flight_requests_on_sigterm() {
          {IN_FLIGHT} answered 200 + Connection: close by {completed_after:?}, exit 0 after \
          {exited_after:?} (drain timeout {DRAIN_TIMEOUT:?})"
     );
+}
+
+/// The access log: one JSON line per request naming the request, the answer, the endpoint and
+/// the attempts, written while the proxy runs (lines go through a writer thread, which must not
+/// hold them back until exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_writes_one_json_line_per_request_while_running() {
+    let backend = Backend::text("logged").await;
+    let port = free_port();
+    let admin_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "policy.yaml",
+        &policy("cli", &[("app", backend.addr)], "").replace("port: 0,", &format!("port: {port},")),
+    );
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let mut proxy = Proxy::spawn_with_env(
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin_port}"),
+            "--log-format",
+            "json",
+        ],
+        &[("RUST_LOG", "warn,breakwater::access=info")],
+    );
+    proxy.wait_ready(&admin).await;
+    for i in 0..3 {
+        let answer = try_get(&format!("http://127.0.0.1:{port}/logged/{i}?q=1")).await;
+        assert!(
+            matches!(answer, Ok((200, _, ref body)) if body == "logged"),
+            "{answer:?}"
+        );
+    }
+    let access_lines = || {
+        proxy
+            .log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == "breakwater::access")
+            .collect::<Vec<_>>()
+    };
+    let written = eventually(Duration::from_secs(5), || async {
+        access_lines().len() >= 3
+    })
+    .await;
+    assert!(
+        written,
+        "three access-log lines should appear while the proxy runs; stderr:\n{}",
+        proxy.log()
+    );
+    let lines = access_lines();
+    assert_eq!(lines.len(), 3, "one line per request: {lines:?}");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["method"], "GET", "{line}");
+        assert_eq!(line["path"], format!("/logged/{i}"), "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["policy"], "default/cli", "{line}");
+        assert_eq!(line["endpoint"], backend.addr.to_string(), "{line}");
+        assert_eq!(line["attempts"], 1, "{line}");
+        assert_eq!(line["error"], "-", "{line}");
+        assert!(
+            line["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{line}"
+        );
+    }
+    proxy.signal("TERM");
+    let status = timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .expect("breakwater should exit after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }
 
 #[test]
