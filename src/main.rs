@@ -226,8 +226,12 @@ fn init_tracing(format: LogFormat) -> LogWriter {
     let (writer, guard) =
         tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stderr()));
     let dropped = writer.error_counter();
+    // Colours only for a person at a terminal: never into files, `kubectl logs` or collectors.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),

@@ -397,6 +397,15 @@ async fn run_serves_and_drains_in_flight_requests_on_sigterm() {
         exited_after < DRAIN_TIMEOUT,
         "the exit should not wait for the drain timeout"
     );
+    let log = proxy.log();
+    assert!(
+        log.contains("listening"),
+        "the text log should be written; stderr:\n{log}"
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "no terminal colour codes in a log that is not a terminal; stderr:\n{log}"
+    );
     println!(
         "SIGTERM drain: /ready 503 within {not_ready_after:?}, port refusing within \
          {refused_after:?} ({still_in_flight} of {IN_FLIGHT} requests still in flight), all \
