@@ -7,8 +7,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use support::kubernetes_validate;
 
 /// Every Kubernetes object file we ship: manifests (not the policies, which are custom
 /// resources) and the CRD itself.
@@ -26,20 +29,6 @@ fn shipped_files() -> Vec<PathBuf> {
     }
     files.sort();
     files
-}
-
-/// `kubernetes-validate` through the interpreter, so no PATH shim is needed.
-fn kubernetes_validate() -> Command {
-    let mut command = Command::new("python3");
-    command.args([
-        "-m",
-        "kubernetes_validate",
-        "--kubernetes-version",
-        "1.33.0",
-        "--strict",
-        "--quiet",
-    ]);
-    command
 }
 
 #[test]

@@ -17,7 +17,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -315,15 +314,7 @@ fn sidecar(pod: &Pod) -> Container {
 
 /// `kubernetes-validate --strict` against the 1.33 schemas, as `tests/manifests.rs` runs it.
 fn kubernetes_validate(files: &[PathBuf]) -> std::process::Output {
-    Command::new("python3")
-        .args([
-            "-m",
-            "kubernetes_validate",
-            "--kubernetes-version",
-            "1.33.0",
-            "--strict",
-            "--quiet",
-        ])
+    support::kubernetes_validate()
         .args(files)
         .output()
         .unwrap_or_else(|e| {

@@ -517,3 +517,18 @@ pub fn refusing_addr() -> SocketAddr {
     std::mem::forget(socket);
     addr
 }
+
+/// `kubernetes-validate --strict --quiet` against the Kubernetes 1.33 schemas, run through the
+/// interpreter so no PATH shim is needed (`tests/run.sh` installs it); add the files to check.
+pub fn kubernetes_validate() -> std::process::Command {
+    let mut command = std::process::Command::new("python3");
+    command.args([
+        "-m",
+        "kubernetes_validate",
+        "--kubernetes-version",
+        "1.33.0",
+        "--strict",
+        "--quiet",
+    ]);
+    command
+}
