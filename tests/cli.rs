@@ -212,10 +212,6 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn spawn(args: &[&str]) -> Proxy {
-        Self::spawn_with_env(args, &[])
-    }
-
     fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let mut child = Command::new(BIN)
             .args(args)
@@ -276,6 +272,49 @@ impl Proxy {
     }
 }
 
+/// `breakwater run` serving a one-backend policy (`cli`) on free ports, ready.
+struct Started {
+    proxy: Proxy,
+    port: u16,
+    traffic: String,
+    admin: String,
+    /// Holds the policy file.
+    _dir: tempfile::TempDir,
+}
+
+impl Started {
+    /// Starts the binary with `extra` arguments and `env`, and waits for `/ready`.
+    async fn run(backend: std::net::SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Started {
+        let port = free_port();
+        let admin_port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let config = write(
+            dir.path(),
+            "policy.yaml",
+            &policy("cli", &[("app", backend)], "").replace("port: 0,", &format!("port: {port},")),
+        );
+        let admin_addr = format!("127.0.0.1:{admin_port}");
+        let mut args = vec![
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-addr",
+            &admin_addr,
+        ];
+        args.extend_from_slice(extra);
+        let mut proxy = Proxy::spawn_with_env(&args, env);
+        let admin = format!("http://{admin_addr}");
+        proxy.wait_ready(&admin).await;
+        Started {
+            proxy,
+            port,
+            traffic: format!("http://127.0.0.1:{port}"),
+            admin,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn run_serves_and_drains_in_flight_requests_on_sigterm() {
     const IN_FLIGHT: usize = 5;
@@ -283,26 +322,13 @@ async fn run_serves_and_drains_in_flight_requests_on_sigterm() {
     const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
     let backend = Backend::slow("slow", BACKEND_DELAY).await;
-    let port = free_port();
-    let admin_port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "policy.yaml",
-        &policy("cli", &[("app", backend.addr)], "").replace("port: 0,", &format!("port: {port},")),
-    );
-    let admin = format!("http://127.0.0.1:{admin_port}");
-    let traffic = format!("http://127.0.0.1:{port}");
-    let mut proxy = Proxy::spawn(&[
-        "run",
-        "--config",
-        config.to_str().unwrap(),
-        "--admin-addr",
-        &format!("127.0.0.1:{admin_port}"),
-        "--drain-timeout",
-        "10s",
-    ]);
-    proxy.wait_ready(&admin).await;
+    let Started {
+        mut proxy,
+        port,
+        traffic,
+        admin,
+        _dir,
+    } = Started::run(backend.addr, &["--drain-timeout", "10s"], &[]).await;
     let answer = try_get(&format!("{traffic}/warmup")).await;
     assert!(
         matches!(answer, Ok((200, _, ref body)) if body == "slow"),
@@ -420,30 +446,19 @@ async fn run_serves_and_drains_in_flight_requests_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_writes_one_json_line_per_request_while_running() {
     let backend = Backend::text("logged").await;
-    let port = free_port();
-    let admin_port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "policy.yaml",
-        &policy("cli", &[("app", backend.addr)], "").replace("port: 0,", &format!("port: {port},")),
-    );
-    let admin = format!("http://127.0.0.1:{admin_port}");
-    let mut proxy = Proxy::spawn_with_env(
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-addr",
-            &format!("127.0.0.1:{admin_port}"),
-            "--log-format",
-            "json",
-        ],
+    let Started {
+        mut proxy,
+        traffic,
+        _dir,
+        ..
+    } = Started::run(
+        backend.addr,
+        &["--log-format", "json"],
         &[("RUST_LOG", "warn,breakwater::access=info")],
-    );
-    proxy.wait_ready(&admin).await;
+    )
+    .await;
     for i in 0..3 {
-        let answer = try_get(&format!("http://127.0.0.1:{port}/logged/{i}?q=1")).await;
+        let answer = try_get(&format!("{traffic}/logged/{i}?q=1")).await;
         assert!(
             matches!(answer, Ok((200, _, ref body)) if body == "logged"),
             "{answer:?}"
