@@ -52,11 +52,9 @@ RESULTS_DIR="$SCRIPT_DIR/results"
 log() { printf '[compare] %s\n' "$*" >&2; }
 die() { printf '[compare] ERROR: %s\n' "$*" >&2; exit 1; }
 
-check_int() { # name value min max
-    if ! [[ "$2" =~ ^[0-9]+$ ]] || ((10#$2 < $3 || 10#$2 > $4)); then
-        die "$1 must be an integer $3..$4 (got '$2')"
-    fi
-}
+# shellcheck source=bench/lib.sh
+source "$SCRIPT_DIR/lib.sh"
+
 check_int DURATION "$DURATION" 1 300
 check_int ROUNDS "$ROUNDS" 1 20
 check_int WARMUP "$WARMUP" 0 60
@@ -145,47 +143,6 @@ fi
 TMP="$(mktemp -d /tmp/breakwater-compare.XXXXXX)"
 STARTED_PIDS=()
 
-children_of() { # direct children of a PID (nginx workers)
-    local pid="$1" c line rest _state ppid
-    for c in /proc/[0-9]*/stat; do
-        line="$(cat "$c" 2>/dev/null)" || continue
-        # field 4 is ppid; comm (field 2) may contain spaces, so cut after ')'
-        rest="${line##*) }"
-        read -r _state ppid _ <<<"$rest"
-        if [[ "$ppid" == "$pid" ]]; then
-            c="${c#/proc/}"
-            echo "${c%/stat}"
-        fi
-    done
-}
-
-cleanup() {
-    local rc=$?
-    set +e
-    local pid kids=() p i
-    for pid in "${STARTED_PIDS[@]}"; do
-        for p in $(children_of "$pid"); do kids+=("$p"); done
-    done
-    for pid in "${STARTED_PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for ((i = 0; i < 50; i++)); do
-        local alive=0
-        for pid in "${STARTED_PIDS[@]}" "${kids[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${STARTED_PIDS[@]}" "${kids[@]}"; do
-        kill -KILL "$pid" 2>/dev/null
-    done
-    for pid in "${STARTED_PIDS[@]}"; do
-        wait "$pid" 2>/dev/null
-    done
-    rm -rf "$TMP"
-    exit "$rc"
-}
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -194,63 +151,8 @@ trap 'exit 143' TERM
 # Ports: ask the kernel for distinct free loopback ports, then release them.
 # ---------------------------------------------------------------------------
 read -r BACKEND_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT \
-    BW_PORT BW_ADMIN BWF_PORT BWF_ADMIN BWL_PORT BWL_ADMIN < <(python3 - <<'PY'
-import socket
-socks = []
-for _ in range(11):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-PY
-)
+    BW_PORT BW_ADMIN BWF_PORT BWF_ADMIN BWL_PORT BWL_ADMIN < <(free_ports 11)
 log "ports: backend=$BACKEND_PORT nginx=$NGINX_PORT/$NGINX_H2_PORT(h2) haproxy=$HAPROXY_PORT/$HAPROXY_H2_PORT(h2) breakwater=$BW_PORT features=$BWF_PORT features+log=$BWL_PORT"
-
-# ---------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------
-# wait_http URL SECONDS [PID]: poll until the URL answers 2xx, bounded in time.
-wait_http() {
-    local url="$1" secs="$2" pid="${3:-}" i
-    for ((i = 0; i < secs * 10; i++)); do
-        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
-            return 2
-        fi
-        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
-
-# proc_tree PID: the PID and its direct children (nginx master + workers).
-proc_tree() { echo "$1"; children_of "$1"; }
-
-# cpu_ticks PID: utime+stime of the process and its direct children, in clock ticks.
-cpu_ticks() {
-    local total=0 p line rest f
-    for p in $(proc_tree "$1"); do
-        line="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
-        rest="${line##*) }"
-        # after comm: state(3) ppid(4) ... utime(14) stime(15) -> indices 11,12
-        read -r -a f <<<"$rest"
-        total=$((total + f[11] + f[12]))
-    done
-    echo "$total"
-}
-
-# peak_rss_kib PID: sum of VmHWM over the process and its direct children.
-peak_rss_kib() {
-    local total=0 p v
-    for p in $(proc_tree "$1"); do
-        v="$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)"
-        [[ -n "$v" ]] && total=$((total + v))
-    done
-    echo "$total"
-}
 
 nginx_common() { # $1 = dir
     cat <<EOF
@@ -261,30 +163,6 @@ pid $1/nginx.pid;
 error_log $1/error.log warn;
 events { worker_connections $((HIGH_CONNECTIONS * 2 + 1024)); }
 EOF
-}
-
-nginx_http_common() { # $1 = dir
-    cat <<EOF
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-    client_body_temp_path $1/tmp/client_body;
-    proxy_temp_path $1/tmp/proxy;
-    fastcgi_temp_path $1/tmp/fastcgi;
-    uwsgi_temp_path $1/tmp/uwsgi;
-    scgi_temp_path $1/tmp/scgi;
-EOF
-}
-
-start_nginx() { # $1 = name, $2 = conf file, $3.. = CPU pinning prefix; sets LAST_PID
-    local dir name="$1" conf="$2"
-    shift 2
-    dir="$(dirname "$conf")"
-    "$NGINX" -t -q -p "$dir" -e "$dir/error.log" -c "$conf" >"$dir/test.log" 2>&1 ||
-        { cat "$dir/test.log" >&2; die "nginx config for $name is invalid"; }
-    "$@" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$conf" >"$dir/stdout.log" 2>&1 &
-    LAST_PID=$!
-    STARTED_PIDS+=("$LAST_PID")
 }
 
 check_body() { # name url: GET through the proxy must return the backend's body

@@ -30,39 +30,39 @@ if [[ -z "${BREAKWATER_BIN:-}" ]]; then
     BREAKWATER_BIN="${CARGO_TARGET_DIR:-$root/target}/release/breakwater"
 fi
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-}
+die() { echo "instructions.sh: $*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh"
+TMP="$(mktemp -d)"
+STARTED_PIDS=()
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-backend=$(free_port); plain=$(free_port); fwd=$(free_port); bw=$(free_port); admin=$(free_port)
+read -r backend plain fwd bw admin < <(free_ports 5)
 
-cat >"$work/backend.conf" <<EOF
+# nginx_head NAME: one nginx process (no master, so callgrind sees the worker) with its own pid
+# file, error log and temp paths under TMP; the caller adds the servers and closes `http`.
+nginx_head() {
+    cat <<EOF
 worker_processes 1; master_process off; daemon off;
-pid $work/backend.pid; error_log $work/backend.err;
+pid $TMP/$1.pid; error_log $TMP/$1.err;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
-  uwsgi_temp_path $work; scgi_temp_path $work;
+  client_body_temp_path $TMP; proxy_temp_path $TMP; fastcgi_temp_path $TMP;
+  uwsgi_temp_path $TMP; scgi_temp_path $TMP;
+EOF
+}
+
+{
+    nginx_head backend
+    cat <<EOF
   server { listen 127.0.0.1:$backend; location / { return 200 "ok\n"; } } }
 EOF
-# One nginx process (no master) so callgrind sees the worker; two servers: plain and with the
-# forwarding headers breakwater adds (X-Forwarded-*, Forwarded, Via both ways).
-cat >"$work/proxy.conf" <<EOF
-worker_processes 1; master_process off; daemon off;
-pid $work/proxy.pid; error_log $work/proxy.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
-  uwsgi_temp_path $work; scgi_temp_path $work;
+} >"$TMP/backend.conf"
+# Two servers: plain, and with the forwarding headers breakwater adds (X-Forwarded-*,
+# Forwarded, Via both ways).
+{
+    nginx_head proxy
+    cat <<EOF
   upstream backend { server 127.0.0.1:$backend; keepalive 64; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$plain; location / { proxy_pass http://backend;
       proxy_http_version 1.1; proxy_set_header Connection ""; } }
@@ -77,7 +77,8 @@ http { access_log off; keepalive_requests 1000000;
       proxy_set_header Via "1.1 nginx";
       add_header Via "1.1 nginx"; } } }
 EOF
-cat >"$work/bw.yaml" <<EOF
+} >"$TMP/proxy.conf"
+cat >"$TMP/bw.yaml" <<EOF
 apiVersion: breakwater.io/v1alpha1
 kind: ResiliencePolicy
 metadata: {name: bench}
@@ -87,13 +88,11 @@ spec:
     - {name: app, url: "http://127.0.0.1:$backend"}
 EOF
 
-wait_http() {
-    for _ in $(seq 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "no answer from $1" >&2; exit 1
-}
+# up URL: waits up to 30 s for URL to answer 2xx.
+up() { wait_http "$1" 30 || die "no answer from $1"; }
 
-nginx -p "$work" -c "$work/backend.conf" -e "$work/backend.err" & pids+=($!)
-wait_http "http://127.0.0.1:$backend/"
+nginx -p "$TMP" -c "$TMP/backend.conf" -e "$TMP/backend.err" & STARTED_PIDS+=($!)
+up "http://127.0.0.1:$backend/"
 
 # Runs wrk against URL while callgrind counts PID (dumping to PREFIX.N); prints the requests
 # and the instructions counted for them.
@@ -113,19 +112,19 @@ measure() {
     echo "$requests $total"
 }
 
-valgrind --tool=callgrind --callgrind-out-file="$work/nginx.cg" \
-    nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy.err" 2>"$work/nginx.vg" & pids+=($!)
+valgrind --tool=callgrind --callgrind-out-file="$TMP/nginx.cg" \
+    nginx -p "$TMP" -c "$TMP/proxy.conf" -e "$TMP/proxy.err" 2>"$TMP/nginx.vg" & STARTED_PIDS+=($!)
 nginx_pid=$!
-wait_http "http://127.0.0.1:$plain/"
-read -r n_plain i_plain < <(measure "$nginx_pid" "http://127.0.0.1:$plain/" "$work/nginx.cg")
-read -r n_fwd i_fwd < <(measure "$nginx_pid" "http://127.0.0.1:$fwd/" "$work/nginx.cg")
+up "http://127.0.0.1:$plain/"
+read -r n_plain i_plain < <(measure "$nginx_pid" "http://127.0.0.1:$plain/" "$TMP/nginx.cg")
+read -r n_fwd i_fwd < <(measure "$nginx_pid" "http://127.0.0.1:$fwd/" "$TMP/nginx.cg")
 
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/bw.cg" \
-    "$BREAKWATER_BIN" run --config "$work/bw.yaml" --admin-addr "127.0.0.1:$admin" --workers 1 \
-    >"$work/bw.log" 2>&1 & pids+=($!)
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$TMP/bw.cg" \
+    "$BREAKWATER_BIN" run --config "$TMP/bw.yaml" --admin-addr "127.0.0.1:$admin" --workers 1 \
+    >"$TMP/bw.log" 2>&1 & STARTED_PIDS+=($!)
 bw_pid=$!
-wait_http "http://127.0.0.1:$admin/ready"
-read -r n_bw i_bw < <(measure "$bw_pid" "http://127.0.0.1:$bw/" "$work/bw.cg")
+up "http://127.0.0.1:$admin/ready"
+read -r n_bw i_bw < <(measure "$bw_pid" "http://127.0.0.1:$bw/" "$TMP/bw.cg")
 
 python3 - "$n_plain" "$i_plain" "$n_fwd" "$i_fwd" "$n_bw" "$i_bw" <<'EOF'
 import sys
