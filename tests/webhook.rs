@@ -99,20 +99,24 @@ impl Pki {
         self.client_with(true)
     }
 
-    fn client_with(&self, http2: bool) -> HttpsClient {
+    /// A TLS client configuration that trusts only this CA.
+    fn tls_config(&self) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+    }
+
+    fn client_with(&self, http2: bool) -> HttpsClient {
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(self.tls_config())
             .https_only();
         let connector = if http2 {
             builder.enable_all_versions().build()
@@ -128,17 +132,7 @@ impl Pki {
     /// head (up to the blank line) as text.
     async fn raw_exchange(&self, addr: SocketAddr, bytes: &[u8]) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let config = self.tls_config();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from(SERVICE_DNS).unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
