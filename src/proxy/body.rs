@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::conn::ActiveRequest;
-use super::pool::PoolReturn;
+use super::pool::{PoolReturn, UpstreamBody, UpstreamError};
 use crate::cache::{LeaderGuard, PendingEntry};
 use crate::endpoint::InFlightGuard;
 use crate::snapshot::ConcurrencySlot;
@@ -76,6 +76,20 @@ impl RequestBody {
                 data: (!data.is_empty()).then_some(data),
             },
         }
+    }
+
+    /// The whole body, if it is in memory (empty for no body); `None` for a streamed one.
+    pub fn in_memory(&self) -> Option<Bytes> {
+        match &self.kind {
+            RequestKind::Empty => Some(Bytes::new()),
+            RequestKind::Full { data } => Some(data.clone().unwrap_or_default()),
+            RequestKind::Streaming { .. } => None,
+        }
+    }
+
+    /// Whether the body is in memory (or absent) rather than streamed from the client.
+    pub fn is_in_memory(&self) -> bool {
+        !matches!(self.kind, RequestKind::Streaming { .. })
     }
 }
 
@@ -154,7 +168,7 @@ impl Body for RequestBody {
 pub enum ResponseBodyError {
     /// The upstream connection broke mid-body.
     #[error("upstream response body: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] UpstreamError),
     /// No bytes moved for `timeouts.idle`.
     #[error("upstream response body idle for longer than timeouts.idle")]
     Idle,
@@ -219,7 +233,7 @@ pin_project! {
         Full { data: Option<Bytes> },
         Upstream {
             #[pin]
-            inner: Incoming,
+            inner: UpstreamBody,
             // Created only once the body actually has to wait: most responses never do.
             idle_timer: Option<Pin<Box<Sleep>>>,
             idle: Duration,
@@ -253,7 +267,7 @@ impl ResponseBody {
     /// goes back to the pool once the body has been read to the end. `received` is when the
     /// response head arrived (the idle clock starts there).
     pub fn upstream(
-        inner: Incoming,
+        inner: UpstreamBody,
         idle: Duration,
         endpoint_guard: InFlightGuard,
         pool_return: Option<PoolReturn>,

@@ -27,7 +27,7 @@ use super::conn::{
 };
 use super::error::{MAX_URI_BYTES, ProxyError};
 use super::headers::{self, ClientSide, PeerHeaders};
-use super::pool::{ConnectError, PoolReturn, SendError};
+use super::pool::{ConnectError, PoolReturn, SendError, UpstreamBody, UpstreamError};
 use super::{caching, websocket};
 use crate::ratelimit::policy::client_ip;
 use crate::resilience::breaker::{BreakerState, Permit};
@@ -799,7 +799,7 @@ fn retry_delay(
 
 /// A 429/503 `Retry-After` in seconds (the HTTP-date form is not honoured: clock skew makes it
 /// unreliable between machines), when the policy honours it.
-fn retry_after(response: &Response<Incoming>, honor: bool) -> Option<std::time::Duration> {
+fn retry_after(response: &Response<UpstreamBody>, honor: bool) -> Option<std::time::Duration> {
     if !honor || !matches!(response.status().as_u16(), 429 | 503) {
         return None;
     }
@@ -833,7 +833,8 @@ async fn exchange(
     endpoint: &RuntimeEndpoint,
     mut req: Request<RequestBody>,
     connect_timeout: std::time::Duration,
-) -> Result<(Response<Incoming>, Option<PoolReturn>), (ProxyError, Option<Request<RequestBody>>)> {
+) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), (ProxyError, Option<Request<RequestBody>>)>
+{
     let overload = &policy.config.overload;
     let mut stale = 0;
     loop {
@@ -850,7 +851,7 @@ async fn exchange(
                 .sum();
             open < overload.max_connections as usize
         };
-        let conn = match endpoint.pool.checkout(may_connect).await {
+        let conn = match endpoint.pool.checkout(&req, may_connect).await {
             Ok(conn) => conn,
             Err(ConnectError::ConnectionLimit) => {
                 return Err((ProxyError::Overloaded("max_connections"), Some(req)));
@@ -891,7 +892,7 @@ fn classify_connect(err: &ConnectError, connect_timeout: std::time::Duration) ->
 
 /// Maps a failed exchange to the one cause it represents: the client's body first (its fault,
 /// 400/413), then a malformed response, else a broken connection.
-fn classify_send(err: &hyper::Error) -> ProxyError {
+fn classify_send(err: &UpstreamError) -> ProxyError {
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(body_err) = e.downcast_ref::<RequestBodyError>() {
@@ -902,7 +903,7 @@ fn classify_send(err: &hyper::Error) -> ProxyError {
         }
         source = e.source();
     }
-    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+    if err.is_protocol() {
         ProxyError::UpstreamProtocol
     } else {
         ProxyError::UpstreamReset

@@ -5,6 +5,7 @@ pub mod body;
 mod caching;
 pub mod conn;
 pub mod error;
+pub mod h1;
 pub mod handler;
 pub mod headers;
 pub mod listener;

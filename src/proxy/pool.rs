@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,6 +29,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::body::RequestBody;
+use super::h1::{H1Body, H1Conn, H1Error, H1SendError};
 use super::tls::{TlsError, client_config};
 use crate::config::compile::UpstreamTls;
 use crate::config::spec::UpstreamProtocol;
@@ -74,14 +77,80 @@ pub enum ConnectError {
 #[derive(Debug)]
 pub enum SendError {
     /// The request was never written; it is handed back so it can go elsewhere.
-    NotSent(Box<Request<RequestBody>>, hyper::Error),
+    NotSent(Box<Request<RequestBody>>, UpstreamError),
     /// The request may have reached the backend.
-    Failed(hyper::Error),
+    Failed(UpstreamError),
+}
+
+/// A failed exchange with a backend, from whichever HTTP client carried it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// hyper's client (HTTP/2, streamed request bodies, upgrades).
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// The direct HTTP/1.1 client (`h1.rs`).
+    #[error(transparent)]
+    H1(#[from] H1Error),
+}
+
+impl UpstreamError {
+    /// Whether the backend broke the protocol (a malformed response) rather than the connection.
+    pub fn is_protocol(&self) -> bool {
+        match self {
+            UpstreamError::Hyper(err) => {
+                err.is_parse() || err.is_parse_status() || err.is_parse_too_large()
+            }
+            UpstreamError::H1(err) => err.is_protocol(),
+        }
+    }
+}
+
+/// A backend's response body, from whichever HTTP client carried it.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read by hyper's client.
+    Hyper(Incoming),
+    /// Read by the direct HTTP/1.1 client.
+    H1(H1Body),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(UpstreamError::Hyper))),
+            UpstreamBody::H1(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(UpstreamError::H1))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::H1(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(body) => body.size_hint(),
+            UpstreamBody::H1(body) => body.size_hint(),
+        }
+    }
 }
 
 enum Sender {
     H1(http1::SendRequest<RequestBody>),
     H2(http2::SendRequest<RequestBody>),
+    Direct(H1Conn),
 }
 
 /// A connection checked out for one request.
@@ -115,6 +184,9 @@ pub struct EndpointPool {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     http2: bool,
     connect_timeout: Duration,
+    /// Idle connections of the direct HTTP/1.1 client, most recently used last.
+    idle_direct: Mutex<Vec<(H1Conn, Instant)>>,
+    /// Idle hyper HTTP/1.1 connections (streamed bodies, upgrades), most recently used last.
     idle: Mutex<Vec<Idle>>,
     shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     open: Arc<AtomicUsize>,
@@ -136,11 +208,34 @@ impl EndpointPool {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// A ready connection: the most recently used idle one, or a new one if `may_connect` allows.
+    /// A ready connection for `req`: the most recently used idle one, or a new one if
+    /// `may_connect` allows. HTTP/1.1 requests whose body is in memory and that ask for no
+    /// upgrade get a connection of the direct client (`h1.rs`), others one driven by hyper.
     pub async fn checkout(
         self: &Arc<Self>,
+        req: &Request<RequestBody>,
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
+        let direct = !self.http2
+            && req.body().is_in_memory()
+            && !req.headers().contains_key(header::UPGRADE);
+        if direct {
+            if let Some(conn) = self.pop_idle_direct() {
+                return Ok(Conn {
+                    sender: Sender::Direct(conn),
+                    reused: true,
+                });
+            }
+            if !may_connect() {
+                return Err(ConnectError::ConnectionLimit);
+            }
+            let io = self.open_stream_within_timeout().await?;
+            let conn = H1Conn::new(io, OpenGuard::new(&self.open));
+            return Ok(Conn {
+                sender: Sender::Direct(conn),
+                reused: false,
+            });
+        }
         if self.http2 {
             let existing = lock(&self.shared_h2).clone().filter(|s| !s.is_closed());
             if let Some(sender) = existing {
@@ -164,6 +259,30 @@ impl EndpointPool {
             return Err(ConnectError::ConnectionLimit);
         }
         self.connect().await
+    }
+
+    fn pop_idle_direct(&self) -> Option<H1Conn> {
+        let mut idle = lock(&self.idle_direct);
+        let now = Instant::now();
+        while let Some((mut conn, since)) = idle.pop() {
+            if now.saturating_duration_since(since) > POOL_IDLE_TIMEOUT {
+                // The stack is ordered by age: everything below is older still.
+                idle.clear();
+                return None;
+            }
+            if conn.is_usable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Takes back a direct HTTP/1.1 connection whose response ended cleanly.
+    pub(super) fn checkin_h1(&self, conn: H1Conn) {
+        let mut idle = lock(&self.idle_direct);
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push((conn, Instant::now()));
+        }
     }
 
     fn pop_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
@@ -197,18 +316,26 @@ impl EndpointPool {
     }
 
     /// Closes idle connections unused for longer than [`POOL_IDLE_TIMEOUT`] (called periodically).
+    /// Also closes idle direct connections the backend has closed (hyper's notice on their own).
     pub fn reap(&self) {
         let now = Instant::now();
         lock(&self.idle).retain(|e| {
             !e.sender.is_closed() && now.saturating_duration_since(e.since) <= POOL_IDLE_TIMEOUT
         });
+        lock(&self.idle_direct).retain_mut(|(conn, since)| {
+            now.saturating_duration_since(*since) <= POOL_IDLE_TIMEOUT && conn.is_usable()
+        });
+    }
+
+    async fn open_stream_within_timeout(&self) -> Result<MaybeTls, ConnectError> {
+        let timeout = self.connect_timeout;
+        tokio::time::timeout(timeout, self.open_stream())
+            .await
+            .map_err(|_| ConnectError::Timeout(timeout))?
     }
 
     async fn connect(self: &Arc<Self>) -> Result<Conn, ConnectError> {
-        let timeout = self.connect_timeout;
-        let io = tokio::time::timeout(timeout, self.open_stream())
-            .await
-            .map_err(|_| ConnectError::Timeout(timeout))??;
+        let io = self.open_stream_within_timeout().await?;
         let open = Arc::clone(&self.open);
         let sender = if self.http2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -276,26 +403,31 @@ impl Conn {
         self,
         pool: &Arc<EndpointPool>,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<PoolReturn>), SendError> {
+    ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
         match self.sender {
+            Sender::Direct(conn) => match conn.send(pool, req).await {
+                Ok(resp) => Ok((resp.map(UpstreamBody::H1), None)),
+                Err(H1SendError::NotSent(req, err)) => Err(SendError::NotSent(req, err.into())),
+                Err(H1SendError::Failed(err)) => Err(SendError::Failed(err.into())),
+            },
             Sender::H1(mut sender) => match sender.try_send_request(origin_form(req)).await {
                 Ok(resp) => Ok((
-                    resp,
+                    resp.map(UpstreamBody::Hyper),
                     Some(PoolReturn {
                         pool: Arc::clone(pool),
                         sender,
                     }),
                 )),
                 Err(mut err) => match err.take_message() {
-                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error())),
-                    None => Err(SendError::Failed(err.into_error())),
+                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error().into())),
+                    None => Err(SendError::Failed(err.into_error().into())),
                 },
             },
             Sender::H2(mut sender) => match sender.try_send_request(req).await {
-                Ok(resp) => Ok((resp, None)),
+                Ok(resp) => Ok((resp.map(UpstreamBody::Hyper), None)),
                 Err(mut err) => match err.take_message() {
-                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error())),
-                    None => Err(SendError::Failed(err.into_error())),
+                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error().into())),
+                    None => Err(SendError::Failed(err.into_error().into())),
                 },
             },
         }
@@ -324,13 +456,29 @@ fn spawn_connection<F>(open: Arc<AtomicUsize>, conn: F)
 where
     F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
-    open.fetch_add(1, Ordering::Relaxed);
+    let open = OpenGuard::new(&open);
     tokio::spawn(async move {
         if let Err(err) = conn.await {
             tracing::debug!(%err, "upstream connection ended with an error");
         }
-        open.fetch_sub(1, Ordering::Relaxed);
+        drop(open);
     });
+}
+
+/// Counts one open connection of a pool for as long as it lives.
+pub(super) struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn connect_error(err: io::Error) -> ConnectError {
@@ -389,6 +537,7 @@ impl PoolCache {
             tls,
             http2,
             connect_timeout: settings.connect_timeout,
+            idle_direct: Mutex::new(Vec::new()),
             idle: Mutex::new(Vec::new()),
             shared_h2: Mutex::new(None),
             open: Arc::new(AtomicUsize::new(0)),
@@ -403,7 +552,7 @@ impl PoolCache {
 }
 
 /// A plain or TLS upstream stream.
-enum MaybeTls {
+pub(super) enum MaybeTls {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
@@ -481,6 +630,16 @@ mod tests {
     struct Backend {
         addr: SocketAddr,
         accepted: Arc<AtomicUsize>,
+        /// Connections the backend has closed on its side.
+        closed: Arc<AtomicUsize>,
+    }
+
+    struct CountOnDrop(Arc<AtomicUsize>);
+
+    impl Drop for CountOnDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     impl Backend {
@@ -488,11 +647,15 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let accepted = Arc::new(AtomicUsize::new(0));
+            let closed = Arc::new(AtomicUsize::new(0));
             let count = Arc::clone(&accepted);
+            let closed_count = Arc::clone(&closed);
             tokio::spawn(async move {
                 while let Ok((mut socket, _)) = listener.accept().await {
                     count.fetch_add(1, Ordering::SeqCst);
+                    let on_close = CountOnDrop(Arc::clone(&closed_count));
                     tokio::spawn(async move {
+                        let _on_close = on_close;
                         let mut buf = vec![0u8; 4096];
                         let mut head = Vec::new();
                         loop {
@@ -521,7 +684,11 @@ mod tests {
                     });
                 }
             });
-            Backend { addr, accepted }
+            Backend {
+                addr,
+                accepted,
+                closed,
+            }
         }
     }
 
@@ -536,9 +703,9 @@ mod tests {
             .unwrap()
     }
 
-    async fn get(pool: &Arc<EndpointPool>) -> (Incoming, Option<PoolReturn>) {
-        let conn = pool.checkout(|| true).await.unwrap();
+    async fn get(pool: &Arc<EndpointPool>) -> (UpstreamBody, Option<PoolReturn>) {
         let req = Request::get("/").body(RequestBody::empty()).unwrap();
+        let conn = pool.checkout(&req, || true).await.unwrap();
         match conn.send(pool, req).await {
             Ok((response, pooled)) => (response.into_body(), pooled),
             Err(_) => panic!("exchange failed"),
@@ -598,18 +765,59 @@ mod tests {
         let backend = Backend::start(10, Some(Duration::ZERO)).await;
         let pool = pool_for(backend.addr);
         fetch(&pool).await;
-        eventually("the closed connection to be noticed", || {
-            pool.open_connections() == 0
+        eventually("the backend to close its side", || {
+            backend.closed.load(Ordering::SeqCst) == 1
         })
         .await;
-        pool.reap();
-        let conn = pool.checkout(|| true).await.unwrap();
+        // Let the runtime's I/O driver see the FIN (no reap: checkout itself must notice).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(pool.open_connections(), 1, "still pooled, not yet checked");
+        let req = Request::get("/").body(RequestBody::empty()).unwrap();
+        let conn = pool.checkout(&req, || true).await.unwrap();
         assert!(
             !conn.reused,
             "the closed pooled connection is not handed out"
         );
+        assert_eq!(pool.open_connections(), 1, "the closed one was dropped");
         drop(conn);
         assert_eq!(fetch(&pool).await, 10);
+        // The first, the one checked out and dropped unused, and the one `fetch` opened.
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn reaping_closes_idle_connections_the_backend_closed() {
+        let backend = Backend::start(10, Some(Duration::ZERO)).await;
+        let pool = pool_for(backend.addr);
+        fetch(&pool).await;
+        assert_eq!(pool.open_connections(), 1);
+        eventually("the reaper to drop the closed connection", || {
+            pool.reap();
+            pool.open_connections() == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn upgrade_requests_use_hyper_and_plain_ones_the_direct_client() {
+        let backend = Backend::start(10, None).await;
+        let pool = pool_for(backend.addr);
+        assert_eq!(fetch(&pool).await, 10);
+        // An upgrade request cannot use the direct client: a second connection opens.
+        let req = Request::get("/")
+            .header(header::UPGRADE, "websocket")
+            .body(RequestBody::empty())
+            .unwrap();
+        let conn = pool.checkout(&req, || true).await.unwrap();
+        assert!(!conn.reused);
+        assert!(matches!(conn.sender, Sender::H1(_)));
+        drop(conn);
+        let req = Request::get("/").body(RequestBody::empty()).unwrap();
+        let conn = pool.checkout(&req, || true).await.unwrap();
+        assert!(
+            conn.reused,
+            "a plain request reuses the idle direct connection"
+        );
+        assert!(matches!(conn.sender, Sender::Direct(_)));
     }
 }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use http::{Response, header};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -16,6 +15,7 @@ use tokio::time::Instant;
 
 use super::error::ProxyError;
 use super::handler::{ConnContext, ProxyState};
+use super::pool::UpstreamBody;
 use crate::endpoint::{InFlightGuard, now_nanos};
 use crate::snapshot::PolicyRuntime;
 
@@ -28,7 +28,7 @@ pub fn tunnel(
     policy: &PolicyRuntime,
     conn: &ConnContext,
     client_upgrade: OnUpgrade,
-    response: &mut Response<Incoming>,
+    response: &mut Response<UpstreamBody>,
     sent_key: Option<&http::HeaderValue>,
     guard: InFlightGuard,
 ) -> Result<(), ProxyError> {

@@ -15,7 +15,6 @@ use http::header::{HOST, USER_AGENT};
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use rand::Rng;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -25,7 +24,9 @@ use tokio::time::Instant;
 use crate::config::resilience::HealthCheckConfig;
 use crate::endpoint::{EndpointKey, EndpointState, Health};
 use crate::proxy::body::RequestBody;
-use crate::proxy::pool::{ConnectError, EndpointPool, PoolReturn, SendError};
+use crate::proxy::pool::{
+    ConnectError, EndpointPool, PoolReturn, SendError, UpstreamBody, UpstreamError,
+};
 
 /// `user-agent` of every probe, so backends can tell probes from traffic in their logs.
 const PROBE_USER_AGENT: &str = "breakwater-health-check";
@@ -73,7 +74,7 @@ enum ProbeFailure {
     Connect(#[source] ConnectError),
     /// The connection failed during the exchange.
     #[error("request failed: {0}")]
-    Send(#[source] hyper::Error),
+    Send(#[source] UpstreamError),
 }
 
 /// A [`HealthTarget`] prepared for probing: everything per probe is built once here.
@@ -401,18 +402,19 @@ async fn probe(target: &Target) -> Result<(), ProbeFailure> {
 
 async fn exchange(
     target: &Target,
-) -> Result<(Response<Incoming>, Option<PoolReturn>), ProbeFailure> {
+) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), ProbeFailure> {
     let mut retried = false;
     loop {
         // Exempt from `overload.maxConnections`: a probe needs at most one connection, and one
         // refused because traffic is busy would mark a working endpoint down.
+        let request = target.request();
         let conn = target
             .pool
-            .checkout(|| true)
+            .checkout(&request, || true)
             .await
             .map_err(ProbeFailure::Connect)?;
         let reused = conn.reused;
-        match conn.send(&target.pool, target.request()).await {
+        match conn.send(&target.pool, request).await {
             Ok(exchanged) => return Ok(exchanged),
             // A pooled connection the backend closed since its last use says nothing about the
             // backend's health (a keep-alive timeout close to the interval races every probe);
@@ -426,7 +428,7 @@ async fn exchange(
 }
 
 /// Reads and discards a response body; `true` when it ended cleanly within [`MAX_DRAIN_BYTES`].
-async fn drain(mut body: Incoming) -> bool {
+async fn drain(mut body: UpstreamBody) -> bool {
     let mut read = 0;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -597,7 +599,7 @@ mod tests {
 
     async fn answer(
         shared: Arc<Shared>,
-        req: Request<Incoming>,
+        req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
         let status = shared.status.load(Ordering::SeqCst);
         let header = |name: http::header::HeaderName| {
