@@ -11,6 +11,8 @@
 #                    ${CARGO_TARGET_DIR:-target}/release/breakwater)
 #   DURATION         seconds of wrk load per proxy, after a 1 s warm-up (default 5)
 #   CONNECTIONS      wrk connections (default 32)
+#   PROFILE_OUT      if set, breakwater's callgrind dump is copied there, for
+#                    `callgrind_annotate --inclusive=yes PROFILE_OUT`
 # Loopback only; every process it starts is stopped by PID on exit.
 set -euo pipefail
 
@@ -125,6 +127,9 @@ RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$TMP/bw.cg" \
 bw_pid=$!
 up "http://127.0.0.1:$admin/ready"
 read -r n_bw i_bw < <(measure "$bw_pid" "http://127.0.0.1:$bw/" "$TMP/bw.cg")
+if [[ -n "${PROFILE_OUT:-}" ]]; then
+    cp "$(ls -t "$TMP"/bw.cg.* | head -1)" "$PROFILE_OUT"
+fi
 
 python3 - "$n_plain" "$i_plain" "$n_fwd" "$i_fwd" "$n_bw" "$i_bw" <<'EOF'
 import sys
