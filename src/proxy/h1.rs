@@ -25,6 +25,7 @@ use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
 
 use super::body::RequestBody;
+use super::headers::connection_has_token;
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
 
 /// Most header fields accepted in a response head (hyper's default too).
@@ -318,9 +319,9 @@ fn parse_head(buf: &mut BytesMut, fields: &mut Vec<FieldOffsets>) -> Result<Opti
 fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Error> {
     let headers = &head.headers;
     let mut keep_alive = if head.version == Version::HTTP_11 {
-        !has_token(headers, "close")
+        !connection_has_token(headers, "close")
     } else {
-        has_token(headers, "keep-alive")
+        connection_has_token(headers, "keep-alive")
     };
     let status = head.status.as_u16();
     if is_head_request || status == 204 || status == 304 || (100..200).contains(&status) {
@@ -370,15 +371,6 @@ fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Erro
         length.map_or(Framing::UntilClose, Framing::Length),
         keep_alive,
     ))
-}
-
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -629,8 +621,8 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::config::spec::UpstreamProtocol;
-    use crate::proxy::pool::{Conn, ConnSettings, PoolCache, SendError, UpstreamBody};
+    use crate::proxy::pool::tests::pool_for;
+    use crate::proxy::pool::{Conn, SendError, UpstreamBody};
 
     /// What the scripted backend does after writing one response.
     #[derive(Clone, Copy, PartialEq)]
@@ -711,17 +703,6 @@ mod tests {
                 return;
             }
         }
-    }
-
-    fn pool_for(addr: SocketAddr) -> Arc<EndpointPool> {
-        let settings = ConnSettings {
-            protocol: UpstreamProtocol::Http1,
-            tls: None,
-            connect_timeout: Duration::from_secs(1),
-        };
-        PoolCache::default()
-            .pool(&addr.to_string(), &settings)
-            .unwrap()
     }
 
     async fn exchange(

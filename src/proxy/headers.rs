@@ -115,7 +115,8 @@ pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
         && connection_has_token(req.headers(), "upgrade")
 }
 
-fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+/// Whether a `Connection` field lists `token` (case-insensitive).
+pub(crate) fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()

@@ -616,7 +616,7 @@ impl AsyncWrite for MaybeTls {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use http_body_util::BodyExt;
@@ -692,7 +692,8 @@ mod tests {
         }
     }
 
-    fn pool_for(addr: SocketAddr) -> Arc<EndpointPool> {
+    /// An HTTP/1.1 pool for `addr` with default settings.
+    pub(crate) fn pool_for(addr: SocketAddr) -> Arc<EndpointPool> {
         let settings = ConnSettings {
             protocol: UpstreamProtocol::Http1,
             tls: None,
