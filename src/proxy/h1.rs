@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::body::RequestBody;
@@ -152,21 +152,16 @@ impl H1Conn {
             self.write.extend_from_slice(&body);
         }
         // The first write tells whether anything left: if it fails, the request can go elsewhere.
-        let mut written = match write_some(&mut self.io, &self.write).await {
+        let written = match write_some(&mut self.io, &self.write).await {
             Ok(n) => n,
             Err(err) => return Err(H1SendError::NotSent(Box::new(req), err.into())),
         };
         let result = async {
-            while written < self.write.len() {
-                written += write_some(&mut self.io, &self.write[written..]).await?;
-            }
+            self.io.write_all(&self.write[written..]).await?;
             if separate_body {
-                let mut sent = 0;
-                while sent < body.len() {
-                    sent += write_some(&mut self.io, &body[sent..]).await?;
-                }
+                self.io.write_all(&body).await?;
             }
-            std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx)).await?;
+            self.io.flush().await?;
             Ok::<(), H1Error>(())
         }
         .await;
