@@ -16,6 +16,24 @@ use crate::cache::{LeaderGuard, PendingEntry};
 use crate::endpoint::InFlightGuard;
 use crate::snapshot::ConcurrencySlot;
 
+/// A client's request body as a server connection hands it over.
+pub enum ClientBody {
+    /// Streamed from the client by hyper's server connection.
+    Streaming(Incoming),
+    /// Read whole together with its head (the direct HTTP/1.1 server; empty for no body).
+    Buffered(Bytes),
+}
+
+impl ClientBody {
+    /// Whether no body bytes will follow.
+    pub fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Streaming(body) => body.is_end_stream(),
+            ClientBody::Buffered(data) => data.is_empty(),
+        }
+    }
+}
+
 /// Why a client's request body could not be forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestBodyError {

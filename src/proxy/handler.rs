@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::{RequestBody, RequestBodyError, ResponseBody};
+use super::body::{ClientBody, RequestBody, RequestBodyError, ResponseBody};
 use super::conn::{
     ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL, HEAD_REPEATED_CHUNKED, HEAD_UNSUPPORTED_TE,
 };
@@ -76,7 +76,7 @@ pub(super) struct Outcome<'a> {
 pub async fn handle(
     state: Arc<ProxyState>,
     conn: Arc<ConnContext>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let active = conn.shared.start_request();
     let seq = conn.shared.requests_started();
@@ -158,7 +158,7 @@ async fn forward<'p>(
     state: &ProxyState,
     policy: &'p PolicyRuntime,
     conn: &ConnContext,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     seq: u64,
 ) -> (Response<ResponseBody>, Outcome<'p>) {
     let config = &policy.config;
@@ -274,13 +274,32 @@ async fn send<'p>(
     policy: &'p PolicyRuntime,
     conn: &ConnContext,
     parts: http::request::Parts,
-    body: Incoming,
+    body: ClientBody,
     authority: Option<Authority>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> (Response<ResponseBody>, Outcome<'p>) {
     let upgrade = client_upgrade.is_some();
     let limit = policy.config.limits.max_request_body_bytes;
-    let body = if body.is_end_stream() {
+    let body = match body {
+        // Read with the head, within the retry and body limits (see `server.rs`).
+        ClientBody::Buffered(data) => Ok(AttemptBody::Replayable(data)),
+        ClientBody::Streaming(body) => streaming_body(policy, body, limit, upgrade).await,
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(error) => return fail(error, None, 0),
+    };
+    dispatch(state, policy, conn, parts, body, authority, client_upgrade).await
+}
+
+/// A body streamed by hyper: collected when small enough to keep for retries, else streamed.
+async fn streaming_body(
+    policy: &PolicyRuntime,
+    body: Incoming,
+    limit: u64,
+    upgrade: bool,
+) -> Result<AttemptBody, ProxyError> {
+    Ok(if body.is_end_stream() {
         AttemptBody::Replayable(Bytes::new())
     } else if body
         .size_hint()
@@ -290,15 +309,12 @@ async fn send<'p>(
     {
         match RequestBody::new(body, limit).collect().await {
             Ok(collected) => AttemptBody::Replayable(collected.to_bytes()),
-            Err(RequestBodyError::TooLarge(n)) => {
-                return fail(ProxyError::BodyTooLarge(n), None, 0);
-            }
-            Err(RequestBodyError::Client(_)) => return fail(ProxyError::ClientBody, None, 0),
+            Err(RequestBodyError::TooLarge(n)) => return Err(ProxyError::BodyTooLarge(n)),
+            Err(RequestBodyError::Client(_)) => return Err(ProxyError::ClientBody),
         }
     } else {
         AttemptBody::Streaming(Some(RequestBody::new(body, limit)))
-    };
-    dispatch(state, policy, conn, parts, body, authority, client_upgrade).await
+    })
 }
 
 /// Sends a request through the balancer, breakers and retries; streams the response back.

@@ -15,9 +15,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::body::ClientBody;
 use super::conn::{ConnIo, ConnShared};
 use super::handler::{ConnContext, ProxyState, handle};
 use super::headers::PeerHeaders;
+use super::server::{self, DirectLimits, Ended};
 use crate::snapshot::{PolicyRuntime, Snapshot};
 
 /// Kernel accept queue length.
@@ -212,33 +214,62 @@ async fn serve_connection(
     };
     match &policy.tls_acceptor {
         Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(timeouts.request_header, acceptor.accept(stream)).await;
-            match handshake {
-                Ok(Ok(tls)) => {
-                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        shared.mark_http2();
+            // Boxed: a TLS session's state is large and only TLS connections need it.
+            Box::pin(async {
+                let handshake =
+                    tokio::time::timeout(timeouts.request_header, acceptor.accept(stream)).await;
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            shared.mark_http2();
+                        }
+                        let io = ConnIo::new(
+                            tls,
+                            Arc::clone(&shared),
+                            timeouts.idle,
+                            timeouts.request_header,
+                        );
+                        serve(io, &policy, state, ctx(true), stop).await;
                     }
-                    let io = ConnIo::new(
-                        tls,
-                        Arc::clone(&shared),
-                        timeouts.idle,
-                        timeouts.request_header,
-                    );
-                    serve(io, &policy, state, ctx(true), stop).await;
+                    Ok(Err(err)) => tracing::debug!(%peer, %err, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
-                Ok(Err(err)) => tracing::debug!(%peer, %err, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
+            })
+            .await;
         }
         None => {
-            let io = ConnIo::new(
-                stream,
-                Arc::clone(&shared),
-                timeouts.idle,
-                timeouts.request_header,
-            );
-            serve(io, &policy, state, ctx(false), stop).await;
+            let limits = DirectLimits {
+                max_head_bytes: usize::try_from(policy.config.limits.max_request_header_bytes)
+                    .unwrap_or(usize::MAX),
+                max_buffered_body: policy
+                    .config
+                    .retry
+                    .max_replay_bytes
+                    .min(policy.config.limits.max_request_body_bytes),
+                idle: timeouts.idle,
+            };
+            let direct_ctx = ctx(false);
+            let direct_state = Arc::clone(&state);
+            // Each request's future is boxed: the connection's task then stays small while idle
+            // (the handler's future is ~6.4 KiB).
+            let ended = server::serve(stream, limits, &stop, |req| {
+                Box::pin(handle(
+                    Arc::clone(&direct_state),
+                    Arc::clone(&direct_ctx),
+                    req,
+                ))
+            })
+            .await;
+            if let Ended::Handover(stream) = ended {
+                let io = ConnIo::new(
+                    stream,
+                    Arc::clone(&shared),
+                    timeouts.idle,
+                    timeouts.request_header,
+                );
+                // Boxed so the hyper connection's state is not part of every connection's task.
+                Box::pin(serve(io, &policy, state, direct_ctx, stop)).await;
+            }
         }
     }
     gauge.dec();
@@ -275,7 +306,9 @@ async fn serve<IO>(
     let service = service_fn(move |req| {
         let state = Arc::clone(&state);
         let ctx = Arc::clone(&ctx);
-        Box::pin(async move { Ok::<_, Infallible>(handle(state, ctx, req).await) })
+        Box::pin(async move {
+            Ok::<_, Infallible>(handle(state, ctx, req.map(ClientBody::Streaming)).await)
+        })
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(Box::pin(io)), service);
     tokio::pin!(conn);

@@ -10,5 +10,6 @@ pub mod handler;
 pub mod headers;
 pub mod listener;
 pub mod pool;
+pub mod server;
 pub mod tls;
 pub mod websocket;

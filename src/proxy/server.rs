@@ -1,0 +1,1045 @@
+//! HTTP/1.1 from clients on plain TCP for the common request: a complete head, no body or a
+//! small one that arrived with it, no upgrade. Everything else is handed to hyper's server
+//! connection, which takes over the connection (bytes already read included) for the rest of
+//! its life.
+//!
+//! Why not hyper for everything: hyper's server connection allocates an 8 KiB read buffer and an
+//! 8 KiB write buffer up front and keeps both for the connection's whole life, so 10,000 idle
+//! keep-alive connections cost ~230 MiB; here an idle connection holds no buffer at all, only
+//! its socket and task. Serving the request in the connection's own task, with the head parsed
+//! in place and the response written with one `write`, also costs fewer instructions than
+//! hyper's dispatcher (see `bench/README.md`).
+//!
+//! What is handed over, and why it is safe to do so at any request boundary: a head that is not
+//! complete in the first read (slow clients get hyper's handling and `ConnIo`'s 408), any
+//! head `httparse` rejects or that exceeds the header limit (hyper answers 400/431), HTTP/1.0,
+//! `CONNECT`, asterisk-form targets, `Transfer-Encoding`, repeated or invalid `Content-Length`,
+//! a body larger than what may be kept for retries or not yet fully received, `Expect`, and
+//! `Upgrade`. Nothing has been consumed from the byte stream when that happens.
+
+use std::cell::RefCell;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::body::ClientBody;
+
+/// Most header fields accepted in a request head (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// Longest request target served here; hyper answers 414 above its own limit.
+const MAX_TARGET_BYTES: usize = 65_534;
+/// Read size while waiting for a head: hyper's initial buffer size.
+const READ_CHUNK: usize = 8 * 1024;
+/// Response bytes gathered before a write (head plus the body frames at hand).
+const WRITE_GATHER: usize = 64 * 1024;
+/// Body frames at least this large are written from their own buffer rather than copied.
+const COPY_LIMIT: usize = 16 * 1024;
+
+/// What a connection may do on this path.
+#[derive(Clone, Copy, Debug)]
+pub struct DirectLimits {
+    /// Largest request head (`limits.maxRequestHeaderBytes`).
+    pub max_head_bytes: usize,
+    /// Largest body read with its head and handed over whole: what may be kept for retries and
+    /// is within the body limit.
+    pub max_buffered_body: u64,
+    /// How long a keep-alive connection may sit with no request (`timeouts.idle`).
+    pub idle: Duration,
+}
+
+/// How a directly served connection ended.
+pub enum Ended {
+    /// Closed (by either side, an idle timeout, a drain or an error).
+    Closed,
+    /// A request this path does not serve arrived: hyper takes over from here.
+    Handover(Prefixed<TcpStream>),
+}
+
+/// Serves HTTP/1.1 requests on `stream` through `service` until the connection ends or a request
+/// needs hyper. `stop` drains: an idle connection closes at once, a busy one after its response
+/// (which then says `Connection: close`).
+pub async fn serve<S, F, B>(
+    mut stream: TcpStream,
+    limits: DirectLimits,
+    stop: &CancellationToken,
+    mut service: S,
+) -> Ended
+where
+    S: FnMut(Request<ClientBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+{
+    let mut read = BytesMut::new();
+    let mut write = Vec::new();
+    let stopped = stop.cancelled();
+    let mut stopped = pin!(stopped);
+    // One timer for the connection's life: going idle moves the deadline, and the timer is
+    // re-armed only when it fires early, so a request cycle does not touch the timer wheel.
+    let mut deadline = Instant::now() + limits.idle;
+    let mut timer = pin!(tokio::time::sleep_until(deadline));
+    loop {
+        if read.is_empty() {
+            // Idle: hold no buffers, only the socket.
+            read = BytesMut::new();
+            write = Vec::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    ready = stream.readable() => {
+                        if ready.is_err() {
+                            return Ended::Closed;
+                        }
+                        break;
+                    }
+                    () = timer.as_mut() => {
+                        if Instant::now() >= deadline {
+                            return Ended::Closed;
+                        }
+                        timer.as_mut().reset(deadline);
+                    }
+                    () = stopped.as_mut() => return Ended::Closed,
+                }
+            }
+            read.reserve(READ_CHUNK);
+            match stream.try_read_buf(&mut read) {
+                Ok(0) => return Ended::Closed,
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Ended::Closed,
+            }
+        }
+        let (request, client_close) = match parse_request(&mut read, &limits) {
+            Some(Parsed::Request { request, close }) => (request, close),
+            Some(Parsed::Invalid) => {
+                let _ = stream.write_all(BAD_REQUEST).await;
+                let _ = stream.shutdown().await;
+                return Ended::Closed;
+            }
+            None => return Ended::Handover(Prefixed::new(read.freeze(), stream)),
+        };
+        let is_head = request.method() == Method::HEAD;
+        let response = {
+            let response = service(request);
+            tokio::select! {
+                biased;
+                response = response => response,
+                // hyper's server drops the request when the client goes away mid-request; so
+                // does this (a cancelled request releases its upstream connection and slot).
+                () = client_closed(&stream, &mut read) => return Ended::Closed,
+            }
+        };
+        let draining = poll_fn(|cx| Poll::Ready(stopped.as_mut().poll(cx).is_ready())).await;
+        let close = client_close || draining;
+        match write_response(&mut stream, &mut write, response, is_head, close).await {
+            Ok(true) if !close => {}
+            Ok(_) => {
+                let _ = stream.shutdown().await;
+                return Ended::Closed;
+            }
+            Err(_) => return Ended::Closed,
+        }
+        deadline = Instant::now() + limits.idle;
+    }
+}
+
+/// Resolves when the client closes (or breaks) the connection while its request is served.
+/// Bytes that arrive instead (a pipelined request) are kept in `read`, and watching stops.
+async fn client_closed(stream: &TcpStream, read: &mut BytesMut) {
+    if read.is_empty() {
+        loop {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            read.reserve(READ_CHUNK);
+            match stream.try_read_buf(read) {
+                Ok(0) => return,
+                Ok(_) => break,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+    std::future::pending().await
+}
+
+// Returned once per request and destructured at once: boxing the request would cost an
+// allocation per request to save a move.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Request {
+        request: Request<ClientBody>,
+        /// The client asked to close after this response.
+        close: bool,
+    },
+    /// Consumed from the stream but not representable (target or field the `http` types
+    /// refuse): answered 400 and the connection closed.
+    Invalid,
+}
+
+/// hyper's answer to a head it cannot parse.
+const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Takes one request (head and body) off the front of `read`, or `None` — leaving `read`
+/// untouched — when it is not one this path serves.
+fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
+    // Offsets into `read`: the head is split off once parsing is done and its fields become
+    // slices of it.
+    let mut fields = [[0usize; 4]; MAX_HEADERS];
+    let mut field_count = 0;
+    let mut content_length = None;
+    let mut close = false;
+    let (len, method, target) = {
+        // Uninitialised slots: zeroing 100 of them per request shows up in profiles.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+            &mut request,
+            read,
+            &mut slots,
+        );
+        let Ok(httparse::Status::Complete(len)) = parsed else {
+            return None;
+        };
+        if len > limits.max_head_bytes || request.version != Some(1) {
+            return None;
+        }
+        let method = Method::from_bytes(request.method?.as_bytes()).ok()?;
+        let path = request.path?;
+        if method == Method::CONNECT || path == "*" || path.len() > MAX_TARGET_BYTES {
+            return None;
+        }
+        let base = read.as_ptr() as usize;
+        for h in request.headers.iter() {
+            let name = h.name.as_bytes();
+            match name.len() {
+                // Content-Length: one valid value (hyper merges equal repeats, but the proxy
+                // answers those 400 through `ConnIo`'s head inspection on hyper's path).
+                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    if content_length.is_some() {
+                        return None;
+                    }
+                    content_length = Some(parse_length(h.value)?);
+                }
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return None,
+                6 if name.eq_ignore_ascii_case(b"expect") => return None,
+                7 if name.eq_ignore_ascii_case(b"upgrade") => return None,
+                10 if name.eq_ignore_ascii_case(b"connection") => {
+                    if has_token(h.value, b"upgrade") {
+                        return None;
+                    }
+                    close |= has_token(h.value, b"close");
+                }
+                _ => {}
+            }
+            let name_at = h.name.as_ptr() as usize - base;
+            let value_at = h.value.as_ptr() as usize - base;
+            fields[field_count] = [
+                name_at,
+                name_at + h.name.len(),
+                value_at,
+                value_at + h.value.len(),
+            ];
+            field_count += 1;
+        }
+        let target_at = path.as_ptr() as usize - base;
+        (len, method, target_at..target_at + path.len())
+    };
+    let body_len = content_length.unwrap_or(0);
+    if body_len > limits.max_buffered_body
+        || (read.len() - len) < usize::try_from(body_len).unwrap_or(usize::MAX)
+    {
+        return None;
+    }
+    // From here on the request is consumed: what fails now is answered 400, as hyper would.
+    let head = read.split_to(len).freeze();
+    let body = read
+        .split_to(usize::try_from(body_len).unwrap_or(0))
+        .freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
+        return Some(Parsed::Invalid);
+    };
+    let mut headers = HeaderMap::with_capacity(field_count);
+    for &[name_start, name_end, value_start, value_end] in &fields[..field_count] {
+        // httparse has checked names are tokens and values hold no control bytes, so these
+        // conversions agree with it; a disagreement is still answered, never unwrapped.
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&head[name_start..name_end]),
+            HeaderValue::from_maybe_shared(head.slice(value_start..value_end)),
+        ) else {
+            return Some(Parsed::Invalid);
+        };
+        headers.append(name, value);
+    }
+    let mut request = Request::new(ClientBody::Buffered(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Some(Parsed::Request { request, close })
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitively).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// A `Content-Length` value: decimal digits only (RFC 9110 §8.6), no sign, no list.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 19 {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No body may follow (HEAD, 1xx, 204, 304).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `response` to the client; `Ok(true)` when the connection may carry another request.
+async fn write_response<B>(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    response: Response<B>,
+    is_head: bool,
+    close: bool,
+) -> io::Result<bool>
+where
+    B: Body<Data = Bytes>,
+{
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let bodiless = is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        Framing::None
+    } else if let Some(n) = body.size_hint().exact() {
+        Framing::Length(n)
+    } else if let Some(n) = declared_length(&parts.headers) {
+        Framing::Length(n)
+    } else {
+        Framing::Chunked
+    };
+    out.clear();
+    let close = encode_head(out, status, &parts.headers, framing, close);
+    let mut body = pin!(body);
+    let expected = match framing {
+        Framing::None => {
+            stream.write_all(out).await?;
+            // The body is dropped unread: for these responses there is none to send.
+            return Ok(!close);
+        }
+        Framing::Length(n) => Some(n),
+        Framing::Chunked => None,
+    };
+    let mut sent = 0u64;
+    while !body.is_end_stream() {
+        // Frames already at hand go out with the head (or the previous frame) in one write;
+        // only a frame that must be waited for flushes what is gathered first.
+        let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    stream.write_all(out).await?;
+                    out.clear();
+                }
+                poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+            }
+        };
+        let Some(frame) = frame else { break };
+        let Ok(frame) = frame else {
+            // A broken upstream body cannot be finished honestly: cut the connection so the
+            // client sees a truncated message, as hyper does.
+            return Err(io::Error::other("response body failed"));
+        };
+        let Ok(data) = frame.into_data() else {
+            // Trailers: the proxy does not forward `Trailer`, so neither are they sent.
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if let Some(n) = expected {
+            if sent > n {
+                return Err(io::Error::other("response body longer than its length"));
+            }
+        } else {
+            push_hex(out, data.len());
+            out.extend_from_slice(b"\r\n");
+        }
+        if data.len() >= COPY_LIMIT {
+            if !out.is_empty() {
+                stream.write_all(out).await?;
+                out.clear();
+            }
+            stream.write_all(&data).await?;
+        } else {
+            out.extend_from_slice(&data);
+        }
+        if expected.is_none() {
+            out.extend_from_slice(b"\r\n");
+        }
+        if out.len() >= WRITE_GATHER {
+            stream.write_all(out).await?;
+            out.clear();
+        }
+    }
+    match expected {
+        Some(n) if sent < n => {
+            if !out.is_empty() {
+                stream.write_all(out).await?;
+            }
+            return Err(io::Error::other("response body shorter than its length"));
+        }
+        Some(_) => {}
+        None => out.extend_from_slice(b"0\r\n\r\n"),
+    }
+    if !out.is_empty() {
+        stream.write_all(out).await?;
+        out.clear();
+    }
+    Ok(!close)
+}
+
+/// The single valid `Content-Length` of a response head, if it has one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = parse_length(values.next()?.as_bytes())?;
+    values
+        .all(|v| parse_length(v.as_bytes()) == Some(first))
+        .then_some(first)
+}
+
+/// Writes the status line and header section; returns whether the connection closes after
+/// this response (asked by `close`, or by a `Connection: close` the response carries).
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    mut close: bool,
+) -> bool {
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut has_date = false;
+    let mut says_close = false;
+    for (name, value) in headers {
+        // Framing is this connection's own; a HEAD response keeps the length a GET would have.
+        if *name == header::TRANSFER_ENCODING
+            || (*name == header::CONTENT_LENGTH
+                && (framing != Framing::None || status_forbids_length(status)))
+        {
+            continue;
+        }
+        if *name == header::DATE {
+            has_date = true;
+        } else if *name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
+            says_close = true;
+            close = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::None => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if close && !says_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        push_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    close
+}
+
+fn status_forbids_length(status: StatusCode) -> bool {
+    status.is_informational() || status == StatusCode::NO_CONTENT
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+fn push_hex(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// An IMF-fixdate for the `Date` header, formatted once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second || cached.1.is_empty() {
+            cached.1.clear();
+            cached
+                .1
+                .extend_from_slice(httpdate::fmt_http_date(now).as_bytes());
+            cached.0 = second;
+        }
+        out.extend_from_slice(&cached.1);
+    });
+}
+
+pin_project_lite::pin_project! {
+    /// A stream whose first reads return bytes that were already read from it.
+    pub struct Prefixed<S> {
+        prefix: Bytes,
+        #[pin]
+        inner: S,
+    }
+}
+
+impl<S> Prefixed<S> {
+    /// `prefix` is returned before anything read from `inner`.
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if this.prefix.is_empty() {
+            return this.inner.poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use http_body::Frame;
+    use http_body_util::Full;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    const LIMITS: DirectLimits = DirectLimits {
+        max_head_bytes: 8 * 1024,
+        max_buffered_body: 1024,
+        idle: Duration::from_secs(30),
+    };
+
+    /// A response body of scripted frames, of unknown length, that makes the writer wait
+    /// (returns `Pending` once) before every frame after the first.
+    struct Frames {
+        frames: VecDeque<Result<Frame<Bytes>, io::Error>>,
+        wait: bool,
+    }
+
+    impl Frames {
+        fn new(frames: Vec<Result<Frame<Bytes>, io::Error>>) -> Self {
+            Self {
+                frames: frames.into(),
+                wait: false,
+            }
+        }
+    }
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            if self.wait {
+                self.wait = false;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.wait = true;
+            Poll::Ready(self.frames.pop_front())
+        }
+    }
+
+    /// Serves one accepted connection with `service`; the client side is returned.
+    async fn connect<S, F, B>(
+        limits: DirectLimits,
+        stop: CancellationToken,
+        service: S,
+    ) -> (TcpStream, JoinHandle<Ended>)
+    where
+        S: FnMut(Request<ClientBody>) -> F + Send + 'static,
+        F: Future<Output = Response<B>> + Send,
+        B: Body<Data = Bytes> + Send,
+        B::Error: Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            serve(stream, limits, &stop, service).await
+        });
+        (TcpStream::connect(addr).await.unwrap(), server)
+    }
+
+    /// Echoes method, target and body, with an exact length.
+    fn echo(req: Request<ClientBody>) -> impl Future<Output = Response<Full<Bytes>>> {
+        let body = match req.body() {
+            ClientBody::Buffered(data) => data.clone(),
+            ClientBody::Streaming(_) => Bytes::from_static(b"streaming?"),
+        };
+        let text = format!(
+            "{} {} {}",
+            req.method(),
+            req.uri(),
+            String::from_utf8_lossy(&body)
+        );
+        async move { Response::new(Full::new(Bytes::from(text))) }
+    }
+
+    async fn read_to_end(client: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Reads until `count` complete responses framed by `content-length` have arrived.
+    async fn read_responses(client: &mut TcpStream, count: usize) -> Vec<String> {
+        let mut buf = Vec::new();
+        let mut responses = Vec::new();
+        while responses.len() < count {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .expect("response in time")
+                .unwrap();
+            assert!(n > 0, "connection closed after {responses:?}");
+            buf.extend_from_slice(&chunk[..n]);
+            loop {
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let Some(end) = text.find("\r\n\r\n") else {
+                    break;
+                };
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.parse().unwrap());
+                if buf.len() < end + 4 + length {
+                    break;
+                }
+                responses.push(text[..end + 4 + length].to_owned());
+                buf.drain(..end + 4 + length);
+            }
+        }
+        responses
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_with_their_bodies() {
+        let (mut client, _server) = connect(LIMITS, CancellationToken::new(), echo).await;
+        client
+            .write_all(
+                b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n\
+                  POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+                  GET /c HTTP/1.1\r\nHost: h\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let responses = read_responses(&mut client, 3).await;
+        assert!(
+            responses[0].starts_with("HTTP/1.1 200 OK\r\n"),
+            "{responses:?}"
+        );
+        assert!(responses[0].contains("\r\ndate: "), "{}", responses[0]);
+        assert!(
+            responses[0].ends_with("\r\n\r\nGET /a?x=1 "),
+            "{}",
+            responses[0]
+        );
+        assert!(
+            responses[1].contains("content-length: 13\r\n"),
+            "{}",
+            responses[1]
+        );
+        assert!(responses[1].ends_with("POST /b hello"), "{}", responses[1]);
+        assert!(responses[2].ends_with("GET /c "), "{}", responses[2]);
+        // Keep-alive: the connection still serves.
+        client
+            .write_all(b"GET /d HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_responses(&mut client, 1).await[0].ends_with("GET /d "));
+    }
+
+    #[tokio::test]
+    async fn bodies_of_unknown_length_are_chunked_and_bodiless_responses_send_none() {
+        let (mut client, _server) = connect(LIMITS, CancellationToken::new(), |req| {
+            let path = req.uri().path().to_owned();
+            async move {
+                let frames = match path.as_str() {
+                    "/chunked" => vec![
+                        Ok(Frame::data(Bytes::from_static(b"hello "))),
+                        Ok(Frame::data(Bytes::new())),
+                        Ok(Frame::data(Bytes::from(vec![b'x'; 20_000]))),
+                        Ok(Frame::trailers(HeaderMap::new())),
+                    ],
+                    _ => vec![Ok(Frame::data(Bytes::from_static(b"ignored")))],
+                };
+                let mut response = Response::new(Frames::new(frames));
+                match path.as_str() {
+                    "/no-content" => *response.status_mut() = StatusCode::NO_CONTENT,
+                    "/head" => {
+                        response
+                            .headers_mut()
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+                    }
+                    _ => {}
+                }
+                response
+            }
+        })
+        .await;
+        client
+            .write_all(
+                b"GET /chunked HTTP/1.1\r\nHost: h\r\n\r\n\
+                  GET /no-content HTTP/1.1\r\nHost: h\r\n\r\n\
+                  HEAD /head HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        let (chunked_head, rest) = text.split_once("\r\n\r\n").expect("a head");
+        assert!(
+            chunked_head.contains("\r\ntransfer-encoding: chunked\r\n"),
+            "{chunked_head}"
+        );
+        let expected_body = format!(
+            "6\r\nhello \r\n4e20\r\n{}\r\n0\r\n\r\nHTTP/1.1 204",
+            "x".repeat(20_000)
+        );
+        assert!(
+            rest.starts_with(&expected_body),
+            "chunks, then the last chunk, then the next response ({} bytes)",
+            rest.len()
+        );
+        let rest = &text[text.find("HTTP/1.1 204").expect("204 follows")..];
+        let (no_content, head) = rest.split_at(rest.find("HTTP/1.1 200").expect("HEAD's 200"));
+        assert!(!no_content.contains("content-length"), "{no_content}");
+        assert!(no_content.ends_with("\r\n\r\n"), "{no_content}");
+        assert!(head.contains("content-length: 7\r\n"), "{head}");
+        assert!(head.contains("connection: close\r\n"), "{head}");
+        assert!(
+            head.ends_with("\r\n\r\n"),
+            "no body after a HEAD response: {head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_this_path_does_not_serve_are_handed_over_with_every_byte() {
+        let cases: [&[u8]; 8] = [
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\npart",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2000\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ];
+        for bytes in cases {
+            let (mut client, server) = connect(LIMITS, CancellationToken::new(), echo).await;
+            client.write_all(bytes).await.unwrap();
+            let Ended::Handover(mut stream) = server.await.unwrap() else {
+                panic!("served directly: {}", String::from_utf8_lossy(bytes));
+            };
+            let mut replay = vec![0u8; bytes.len()];
+            stream.read_exact(&mut replay).await.unwrap();
+            assert_eq!(replay, bytes, "the bytes already read come first");
+            // The rest of the stream follows the replayed prefix.
+            client.write_all(b"more").await.unwrap();
+            let mut more = [0u8; 4];
+            stream.read_exact(&mut more).await.unwrap();
+            assert_eq!(&more, b"more");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_served_directly_can_be_followed_by_one_handed_over() {
+        let (mut client, server) = connect(LIMITS, CancellationToken::new(), echo).await;
+        client
+            .write_all(b"GET /first HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_responses(&mut client, 1).await[0].ends_with("GET /first "));
+        let chunked = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        client.write_all(chunked).await.unwrap();
+        let Ended::Handover(mut stream) = server.await.unwrap() else {
+            panic!("the chunked request must be handed over");
+        };
+        let mut replay = vec![0u8; chunked.len()];
+        stream.read_exact(&mut replay).await.unwrap();
+        assert_eq!(&replay[..], &chunked[..]);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_request_cancels_it() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        struct SetOnDrop(Arc<AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = Arc::clone(&dropped);
+        let (mut client, server) = connect(LIMITS, CancellationToken::new(), move |_req| {
+            let guard = SetOnDrop(Arc::clone(&flag));
+            async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(guard);
+                Response::new(Full::new(Bytes::new()))
+            }
+        })
+        .await;
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server notices")
+            .unwrap();
+        assert!(matches!(ended, Ended::Closed));
+        assert!(dropped.load(Ordering::SeqCst), "the request was dropped");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_after_the_idle_timeout_and_on_drain() {
+        let limits = DirectLimits {
+            idle: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let (mut client, _server) = connect(limits, CancellationToken::new(), echo).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let text = read_to_end(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert!(started.elapsed() >= Duration::from_millis(150));
+
+        let stop = CancellationToken::new();
+        let (mut client, server) = connect(LIMITS, stop.clone(), echo).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        read_responses(&mut client, 1).await;
+        stop.cancel();
+        assert!(matches!(server.await.unwrap(), Ended::Closed));
+        assert_eq!(read_to_end(&mut client).await, "");
+    }
+
+    #[tokio::test]
+    async fn a_drain_during_a_request_closes_after_its_response() {
+        let stop = CancellationToken::new();
+        let trigger = stop.clone();
+        let (mut client, _server) = connect(LIMITS, stop, move |_req| {
+            let trigger = trigger.clone();
+            async move {
+                trigger.cancel();
+                Response::new(Full::new(Bytes::from_static(b"done")))
+            }
+        })
+        .await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\ndone"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn broken_or_short_bodies_cut_the_connection() {
+        let (mut client, _server) = connect(LIMITS, CancellationToken::new(), |req| {
+            let short = req.uri().path() == "/short";
+            async move {
+                if short {
+                    let mut response = Response::new(Frames::new(vec![Ok(Frame::data(
+                        Bytes::from_static(b"abc"),
+                    ))]));
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+                    response
+                } else {
+                    Response::new(Frames::new(vec![
+                        Ok(Frame::data(Bytes::from_static(b"abc"))),
+                        Err(io::Error::other("upstream reset")),
+                    ]))
+                }
+            }
+        })
+        .await;
+        client
+            .write_all(b"GET /broken HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.ends_with("3\r\nabc\r\n"), "no last chunk: {text}");
+
+        let (mut client, _server) = connect(LIMITS, CancellationToken::new(), |_req| async {
+            let mut response = Response::new(Frames::new(vec![Ok(Frame::data(
+                Bytes::from_static(b"abc"),
+            ))]));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+            response
+        })
+        .await;
+        client
+            .write_all(b"GET /short HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.contains("content-length: 10\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nabc"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_target_the_uri_type_refuses_is_answered_400() {
+        let (mut client, server) = connect(LIMITS, CancellationToken::new(), echo).await;
+        client
+            .write_all(b"GET http://[bad/ HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(matches!(server.await.unwrap(), Ended::Closed));
+    }
+
+    #[test]
+    fn content_length_values_are_plain_decimals() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b" 42 "), Some(42));
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b"1,1"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None);
+        let mut out = Vec::new();
+        push_decimal(&mut out, 0);
+        push_hex(&mut out, 0x4e20);
+        push_decimal(&mut out, u64::MAX);
+        assert_eq!(out, b"04e2018446744073709551615");
+    }
+}
