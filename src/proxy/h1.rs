@@ -295,7 +295,8 @@ fn parse_head(buf: &mut BytesMut, fields: &mut Vec<FieldOffsets>) -> Result<Opti
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // One more for the `Via` the proxy appends on the way back.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 1);
     for &[name_start, name_end, value_start, value_end] in fields.iter() {
         let name = HeaderName::from_bytes(&head[name_start..name_end])
             .map_err(|_| H1Error::Malformed("invalid header name"))?;

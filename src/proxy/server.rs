@@ -22,10 +22,13 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -40,6 +43,9 @@ use super::body::ClientBody;
 const MAX_HEADERS: usize = 100;
 /// Longest request target served here; hyper answers 414 above its own limit.
 const MAX_TARGET_BYTES: usize = 65_534;
+/// Header fields the proxy adds to a forwarded request (`X-Forwarded-For/-Proto/-Host/-Port`,
+/// `Forwarded`, `Via`, and `Host` for clients that sent none).
+const ADDED_REQUEST_HEADERS: usize = 7;
 /// Read size while waiting for a head: hyper's initial buffer size.
 const READ_CHUNK: usize = 8 * 1024;
 /// Response bytes gathered before a write (head plus the body frames at hand).
@@ -83,41 +89,49 @@ where
 {
     let mut read = BytesMut::new();
     let mut write = Vec::new();
-    let stopped = stop.cancelled();
-    let mut stopped = pin!(stopped);
+    let mut stopped = pin!(stop.cancelled());
     // One timer for the connection's life: going idle moves the deadline, and the timer is
     // re-armed only when it fires early, so a request cycle does not touch the timer wheel.
     let mut deadline = Instant::now() + limits.idle;
     let mut timer = pin!(tokio::time::sleep_until(deadline));
+    // The timer and the drain signal are polled with this waker, and again only after it was
+    // woken: an idle wait costs one readiness poll and two atomic operations, not a lock in
+    // the cancellation token and a timer poll per request.
+    let signal = Arc::new(Signal {
+        fired: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let signal_waker = Waker::from(Arc::clone(&signal));
     loop {
         if read.is_empty() {
             // Idle: hold no buffers, only the socket.
             read = BytesMut::new();
             write = Vec::new();
-            loop {
-                tokio::select! {
-                    biased;
-                    ready = stream.readable() => {
-                        if ready.is_err() {
-                            return Ended::Closed;
-                        }
-                        break;
+            let woke = poll_fn(|cx| {
+                match poll_fill(&mut stream, &mut read, cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleWake::Close),
+                    Poll::Ready(Ok(_)) => return Poll::Ready(IdleWake::Readable),
+                    Poll::Pending => {}
+                }
+                signal.task.register(cx.waker());
+                if signal.fired.swap(false, Ordering::AcqRel) {
+                    let mut signal_cx = Context::from_waker(&signal_waker);
+                    if stopped.as_mut().poll(&mut signal_cx).is_ready() {
+                        return Poll::Ready(IdleWake::Close);
                     }
-                    () = timer.as_mut() => {
+                    while timer.as_mut().poll(&mut signal_cx).is_ready() {
+                        // Fired: a real expiry, or the armed instant of a deadline since moved.
                         if Instant::now() >= deadline {
-                            return Ended::Closed;
+                            return Poll::Ready(IdleWake::Close);
                         }
                         timer.as_mut().reset(deadline);
                     }
-                    () = stopped.as_mut() => return Ended::Closed,
                 }
-            }
-            read.reserve(READ_CHUNK);
-            match stream.try_read_buf(&mut read) {
-                Ok(0) => return Ended::Closed,
-                Ok(_) => {}
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Ended::Closed,
+                Poll::Pending
+            })
+            .await;
+            if woke == IdleWake::Close {
+                return Ended::Closed;
             }
         }
         let (request, client_close) = match parse_request(&mut read, &limits) {
@@ -130,17 +144,34 @@ where
             None => return Ended::Handover(Prefixed::new(read.freeze(), stream)),
         };
         let is_head = request.method() == Method::HEAD;
-        let response = {
-            let response = service(request);
-            tokio::select! {
-                biased;
-                response = response => response,
-                // hyper's server drops the request when the client goes away mid-request; so
-                // does this (a cancelled request releases its upstream connection and slot).
-                () = client_closed(&stream, &mut read) => return Ended::Closed,
+        let mut response = pin!(service(request));
+        // hyper's server drops the request when the client goes away mid-request; so does this
+        // (a cancelled request releases its upstream connection and its slot). Bytes that
+        // arrive instead (a pipelined request) are kept, and watching stops.
+        let mut watching = read.is_empty();
+        let response = poll_fn(|cx| {
+            if let Poll::Ready(response) = response.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
             }
+            if watching {
+                match poll_fill(&mut stream, &mut read, cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => watching = false,
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(response) = response else {
+            return Ended::Closed;
         };
-        let draining = poll_fn(|cx| Poll::Ready(stopped.as_mut().poll(cx).is_ready())).await;
+        // A drain that began while the request was served: this response is the last.
+        let draining = signal.fired.load(Ordering::Acquire)
+            && stopped
+                .as_mut()
+                .poll(&mut Context::from_waker(&signal_waker))
+                .is_ready();
         let close = client_close || draining;
         match write_response(&mut stream, &mut write, response, is_head, close).await {
             Ok(true) if !close => {}
@@ -154,24 +185,45 @@ where
     }
 }
 
-/// Resolves when the client closes (or breaks) the connection while its request is served.
-/// Bytes that arrive instead (a pipelined request) are kept in `read`, and watching stops.
-async fn client_closed(stream: &TcpStream, read: &mut BytesMut) {
-    if read.is_empty() {
-        loop {
-            if stream.readable().await.is_err() {
-                return;
-            }
-            read.reserve(READ_CHUNK);
-            match stream.try_read_buf(read) {
-                Ok(0) => return,
-                Ok(_) => break,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
+/// Reads what the client sent into `read` once the socket is readable; no buffer is allocated
+/// while it is not. Reading through `poll_read` (not `try_read`) lets tokio clear the socket's
+/// readiness after a short read, which saves a read that would only say "nothing more".
+fn poll_fill(
+    stream: &mut TcpStream,
+    read: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    std::task::ready!(stream.poll_read_ready(cx))?;
+    read.reserve(READ_CHUNK);
+    let polled = tokio_util::io::poll_read_buf(Pin::new(stream), cx, read);
+    if polled.is_pending() && read.is_empty() {
+        // The readiness was stale: wait holding nothing.
+        *read = BytesMut::new();
     }
-    std::future::pending().await
+    polled
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IdleWake {
+    Readable,
+    Close,
+}
+
+/// Wakes the connection's task for its idle timer or a drain, and remembers that it did.
+struct Signal {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 // Returned once per request and destructured at once: boxing the request would cost an
@@ -271,7 +323,8 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
         return Some(Parsed::Invalid);
     };
-    let mut headers = HeaderMap::with_capacity(field_count);
+    // Room for the forwarding headers the proxy adds, so the map is not grown per request.
+    let mut headers = HeaderMap::with_capacity(field_count + ADDED_REQUEST_HEADERS);
     for &[name_start, name_end, value_start, value_end] in &fields[..field_count] {
         // httparse has checked names are tokens and values hold no control bytes, so these
         // conversions agree with it; a disagreement is still answered, never unwrapped.
@@ -345,6 +398,8 @@ where
         Framing::Chunked
     };
     out.clear();
+    // Enough for the usual head, so it is not grown field by field.
+    out.reserve(256 + 64 * parts.headers.len());
     let close = encode_head(out, status, &parts.headers, framing, close);
     let mut body = pin!(body);
     let expected = match framing {
