@@ -5,6 +5,7 @@
 //! which wires the standalone proxy together, and `kube` (the CRD and its status). The data
 //! plane never depends on Kubernetes.
 
+pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod balance;

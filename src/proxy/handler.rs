@@ -52,6 +52,8 @@ pub struct ProxyState {
 pub struct ConnContext {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The client's address as text, for the access log (formatted once per connection).
+    pub peer_text: Box<str>,
     /// The listener address as configured (the snapshot key).
     pub listener: SocketAddr,
     /// Forwarding-header values for this peer, prepared once.
@@ -91,7 +93,7 @@ pub async fn handle(
             .map(|b| b.with_active(active));
     };
     // The access log needs the request line after the request is gone; copy it only when logged.
-    let logged = tracing::enabled!(target: "breakwater::access", tracing::Level::INFO)
+    let logged = tracing::enabled!(target: crate::accesslog::TARGET, tracing::Level::INFO)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
     // Overload: a cheap counter shared by the policy's requests across snapshots, held until the
     // response body has gone out.
@@ -122,11 +124,11 @@ pub async fn handle(
     }
     if let Some((method, path)) = logged {
         tracing::info!(
-            target: "breakwater::access",
-            policy = %policy.label,
-            client = %conn.peer,
-            method = %method,
-            path = %path,
+            target: crate::accesslog::TARGET,
+            policy = policy.label.as_str(),
+            client = &*conn.peer_text,
+            method = method.as_str(),
+            path = path.as_str(),
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             endpoint = outcome.endpoint.map_or("-", |e| e.authority.as_str()),

@@ -206,6 +206,7 @@ async fn serve_connection(
     let ctx = |tls: bool| {
         Arc::new(ConnContext {
             peer,
+            peer_text: peer.to_string().into_boxed_str(),
             listener: configured,
             peer_headers: PeerHeaders::new(peer, local_port),
             tls,
