@@ -346,17 +346,15 @@ fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Erro
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value
-            .to_str()
-            .map_err(|_| H1Error::Malformed("invalid content-length"))?;
-        for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            // Digits only (no sign), and few enough to fit a u64.
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                 return Err(H1Error::Malformed("invalid content-length"));
             }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| H1Error::Malformed("invalid content-length"))?;
+            let n = part
+                .iter()
+                .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Malformed("conflicting content-length values"));
             }

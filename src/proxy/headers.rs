@@ -87,10 +87,9 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<Authority>, Proxy
     }
     let from_host = match host {
         Some(value) => Some(
-            value
-                .to_str()
+            // The authority parser accepts only URI characters, so no `to_str` pass first.
+            Authority::try_from(value.as_bytes())
                 .ok()
-                .and_then(|s| s.parse::<Authority>().ok())
                 .filter(|a| !a.host().is_empty() && !a.as_str().contains('@'))
                 .ok_or(ProxyError::BadRequest("invalid Host header"))?,
         ),
@@ -120,9 +119,15 @@ pub(crate) fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .any(|v| list_has_token(v.as_bytes(), token.as_bytes()))
+}
+
+/// Whether a comma-separated field value lists `token` (case-insensitive). Works on bytes: the
+/// tokens that matter are ASCII, and this runs for every response.
+pub(crate) fn list_has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Removes hop-by-hop headers: the fixed list and every header `Connection` names.
@@ -148,13 +153,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // `keep-alive` options, which name no field to remove beyond it).
         let mut named: Vec<HeaderName> = Vec::new();
         for value in headers.get_all(header::CONNECTION) {
-            let Ok(text) = value.to_str() else { continue };
-            for token in text.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("keep-alive")
-                    || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"))
-                    || !headers.contains_key(token)
+            for token in value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                if token.eq_ignore_ascii_case(b"close")
+                    || token.eq_ignore_ascii_case(b"keep-alive")
+                    || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
                 {
+                    continue;
+                }
+                let Ok(token) = std::str::from_utf8(token) else {
+                    continue;
+                };
+                if !headers.contains_key(token) {
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {

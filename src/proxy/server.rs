@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ClientBody;
+use super::headers::list_has_token;
 
 /// Most header fields accepted in a request head (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -289,10 +290,10 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
                 6 if name.eq_ignore_ascii_case(b"expect") => return None,
                 7 if name.eq_ignore_ascii_case(b"upgrade") => return None,
                 10 if name.eq_ignore_ascii_case(b"connection") => {
-                    if has_token(h.value, b"upgrade") {
+                    if list_has_token(h.value, b"upgrade") {
                         return None;
                     }
-                    close |= has_token(h.value, b"close");
+                    close |= list_has_token(h.value, b"close");
                 }
                 _ => {}
             }
@@ -342,13 +343,6 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Some(Parsed::Request { request, close })
-}
-
-/// Whether a comma-separated header value lists `token` (case-insensitively).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// A `Content-Length` value: decimal digits only (RFC 9110 §8.6), no sign, no list.
@@ -520,7 +514,7 @@ fn encode_head(
         }
         if *name == header::DATE {
             has_date = true;
-        } else if *name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
+        } else if *name == header::CONNECTION && list_has_token(value.as_bytes(), b"close") {
             says_close = true;
             close = true;
         }
