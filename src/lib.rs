@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod endpoint;
 pub mod kube;
+pub mod logwriter;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

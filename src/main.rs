@@ -12,6 +12,7 @@ use breakwater::app::{self, ProxyOptions, RunningProxy};
 use breakwater::config::{self, ConfigError};
 use breakwater::demo::{DemoBehaviour, spawn_backend};
 use breakwater::kube::sidecar::{self, SidecarOptions};
+use breakwater::logwriter::{LineWriter, WriterGuard};
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use tracing_subscriber::Layer as _;
@@ -183,7 +184,13 @@ fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held to the end of `main`: dropping it writes out the lines still queued.
-    let _log_writer = init_tracing(cli.log_format);
+    let _log_writer = match init_tracing(cli.log_format) {
+        Ok(writer) => writer,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Validate { files } => return validate(&files),
         Command::Crd => print_crd(),
@@ -221,15 +228,15 @@ fn main() -> ExitCode {
 }
 
 /// Log lines (the access log among them: one per request) go to stderr through a writer
-/// thread that batches whatever is queued into one buffered write, instead of one `write(2)`
-/// per line on the request path. Under sustained overload the queue (128k lines) drops lines
-/// rather than stall the proxy, as Envoy's access log does; dropped lines are reported on exit.
-fn init_tracing(format: LogFormat) -> LogWriter {
+/// thread that writes whatever has gathered in one call (`logwriter`), instead of one
+/// `write(2)` per line on the request path. If more than 16 MiB wait to be written (stderr's
+/// reader has stalled) lines are dropped rather than stall the proxy, as Envoy's access log
+/// does; dropped lines are reported on exit.
+fn init_tracing(format: LogFormat) -> anyhow::Result<LogWriter> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) =
-        tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stderr()));
-    let dropped = writer.error_counter();
+        LineWriter::spawn(std::io::stderr()).context("starting the log writer thread")?;
     // Colours only for a person at a terminal: never into files, `kubectl logs` or collectors.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -240,7 +247,7 @@ fn init_tracing(format: LogFormat) -> LogWriter {
     let access = accesslog::AccessLogLayer::new(writer.clone(), json);
     let fmt_layer = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
-        .with_writer(writer);
+        .with_writer(writer.clone());
     let registry = tracing_subscriber::registry().with(filter).with(access);
     if json {
         registry
@@ -249,21 +256,23 @@ fn init_tracing(format: LogFormat) -> LogWriter {
     } else {
         registry.with(fmt_layer.with_filter(not_access)).init();
     }
-    LogWriter {
-        _guard: guard,
-        dropped,
-    }
+    Ok(LogWriter {
+        guard: Some(guard),
+        writer,
+    })
 }
 
-/// Flushes the log queue when dropped, and says how many lines were dropped.
+/// Writes out the pending log lines when dropped, and says how many lines were dropped.
 struct LogWriter {
-    _guard: tracing_appender::non_blocking::WorkerGuard,
-    dropped: tracing_appender::non_blocking::ErrorCounter,
+    guard: Option<WriterGuard>,
+    writer: LineWriter,
 }
 
 impl Drop for LogWriter {
     fn drop(&mut self) {
-        let dropped = self.dropped.dropped_lines();
+        // Joins the writer thread: every line logged so far is out before the count below.
+        self.guard.take();
+        let dropped = self.writer.dropped_lines();
         if dropped > 0 {
             eprintln!("breakwater: {dropped} log lines were dropped (the log writer fell behind)");
         }
