@@ -368,6 +368,11 @@ if want features; then
     start_bw bw-features "$TMP/bw-features.yaml" "$BWF_PORT" "$BWF_ADMIN" warn "$TMP/bw-features.log"
     start_bw bw-features-log "$TMP/bw-features-log.yaml" "$BWL_PORT" "$BWL_ADMIN" info "$TMP/bw-features-log.log"
     ACCESS_LOG[bw-features-log]="$TMP/bw-features-log.log"
+    # Log lines are written in batches a few milliseconds apart: allow the writer up to 2 s.
+    for _ in $(seq 20); do
+        grep -q 'breakwater::access' "$TMP/bw-features-log.log" && break
+        sleep 0.1
+    done
     grep -q 'breakwater::access' "$TMP/bw-features-log.log" ||
         die "bw-features-log (RUST_LOG=info) wrote no breakwater::access line for the check request"
 fi
