@@ -1,123 +1,158 @@
-//! The access log's own formatter: one line per request, text or JSON, written straight into a
-//! reused buffer and handed to the log writer.
+//! The access log: one line per request, text or JSON, formatted straight from the request's
+//! facts into a reused buffer and handed to the log writer.
 //!
-//! Access-log events are ordinary `tracing` events (target [`TARGET`], level INFO), so
-//! `RUST_LOG` turns them on and off like any other log. What differs is the formatting:
-//! through `tracing-subscriber`'s `fmt` layer a line cost about 15,000 instructions (timestamp
-//! formatting, ANSI wrappers, `fmt::Write` for every field), a third of the proxy's CPU at
-//! full load. This layer formats the handful of field types the handler sends (strings,
-//! integers, one float) with no formatting machinery and a timestamp prefix cached per second.
+//! Whether lines are written is decided like any other log: the `tracing` target [`TARGET`] at
+//! INFO, so `RUST_LOG` turns it on and off. How they are written is this module's: through
+//! `tracing-subscriber`'s `fmt` layer a line cost about 15,000 instructions (timestamp
+//! formatting, ANSI wrappers, `fmt::Write` for every field, a dynamic visitor), a third of the
+//! proxy's CPU at full load. Here the handler passes an [`Entry`] of plain fields, the
+//! timestamp prefix is formatted once a second, and the line goes to the binary's
+//! [`LineWriter`] when one is installed ([`install`]). Without one (the library used on its
+//! own, tests) the entry is emitted as an ordinary `tracing` event with the same fields.
 
 use std::cell::RefCell;
-use std::fmt;
 use std::io::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::{Context, Layer};
+use crate::logwriter::LineWriter;
 
-/// The `tracing` target of access-log events.
+/// The `tracing` target of access-log lines.
 pub const TARGET: &str = "breakwater::access";
 
-/// Writes access-log events as lines to `W`; every other event is left to other layers.
-pub struct AccessLogLayer<W> {
-    writer: W,
+/// Where formatted lines go once the binary has set up its log writer.
+struct Sink {
+    writer: LineWriter,
     json: bool,
 }
 
-impl<W> AccessLogLayer<W> {
-    /// Lines go to `writer`, as JSON objects when `json`, else as `key=value` text in the same
-    /// shape as the other log lines.
-    pub fn new(writer: W, json: bool) -> Self {
-        Self { writer, json }
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Sends access-log lines to `writer`, as JSON objects when `json`, else as `key=value` text
+/// in the same layout as the other log lines. The first call wins; later ones return false.
+pub fn install(writer: LineWriter, json: bool) -> bool {
+    SINK.set(Sink { writer, json }).is_ok()
+}
+
+/// Whether access-log lines are wanted (`RUST_LOG` enables `breakwater::access` at INFO).
+pub fn enabled() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
+/// One request, as the access log reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// `namespace/name` of the policy.
+    pub policy: &'a str,
+    /// The client's address.
+    pub client: &'a str,
+    /// The request method.
+    pub method: &'a str,
+    /// The request path (no query string).
+    pub path: &'a str,
+    /// The status sent to the client.
+    pub status: u16,
+    /// From the request head to the response head.
+    pub duration: Duration,
+    /// The endpoint that answered (or failed last), `-` for none.
+    pub endpoint: &'a str,
+    /// Attempts sent upstream.
+    pub attempts: u32,
+    /// The proxy's error cause, `-` for none.
+    pub error: &'a str,
+}
+
+/// Writes one access-log line for `entry` (call only when [`enabled`]).
+pub fn record(entry: &Entry<'_>) {
+    let Some(sink) = SINK.get() else {
+        tracing::info!(
+            target: TARGET,
+            policy = entry.policy,
+            client = entry.client,
+            method = entry.method,
+            path = entry.path,
+            status = entry.status,
+            duration_ms = entry.duration.as_secs_f64() * 1000.0,
+            endpoint = entry.endpoint,
+            attempts = entry.attempts,
+            error = entry.error,
+        );
+        return;
+    };
+    thread_local! {
+        static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-}
-
-/// Whether an event or span belongs to the access log (for filtering it out of other layers).
-pub fn is_access_log(metadata: &tracing::Metadata<'_>) -> bool {
-    metadata.target() == TARGET
-}
-
-impl<S, W> Layer<S> for AccessLogLayer<W>
-where
-    S: Subscriber,
-    W: for<'w> MakeWriter<'w> + 'static,
-{
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        if !is_access_log(event.metadata()) {
+    LINE.with(|line| {
+        let Ok(mut line) = line.try_borrow_mut() else {
             return;
-        }
-        thread_local! {
-            static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        LINE.with(|line| {
-            let Ok(mut line) = line.try_borrow_mut() else {
-                return;
-            };
-            line.clear();
-            format_line(&mut line, event, self.json, SystemTime::now());
-            // The writer queues the line for its thread; a full queue drops it (and counts).
-            let _ = self.writer.make_writer().write_all(&line);
-        });
-    }
+        };
+        line.clear();
+        format_line(&mut line, entry, sink.json, SystemTime::now());
+        sink.writer.write_line(&line);
+    });
 }
 
-fn format_line(out: &mut Vec<u8>, event: &Event<'_>, json: bool, now: SystemTime) {
-    let level = event.metadata().level().as_str();
+/// The line for `entry` at `now`, newline included.
+fn format_line(out: &mut Vec<u8>, entry: &Entry<'_>, json: bool, now: SystemTime) {
+    let mut line = Line { out, json };
     if json {
-        out.extend_from_slice(b"{\"timestamp\":\"");
-        push_timestamp(out, now);
-        out.extend_from_slice(b"\",\"level\":\"");
-        out.extend_from_slice(level.as_bytes());
-        out.push(b'"');
-        event.record(&mut Fields { out, json: true });
-        out.extend_from_slice(b",\"target\":\"");
-        out.extend_from_slice(TARGET.as_bytes());
-        out.extend_from_slice(b"\"}\n");
+        line.out.extend_from_slice(b"{\"timestamp\":\"");
+        push_timestamp(line.out, now);
+        line.out.extend_from_slice(b"\",\"level\":\"INFO\"");
     } else {
-        push_timestamp(out, now);
+        push_timestamp(line.out, now);
         // `tracing-subscriber`'s layout: the level right-aligned in five columns.
-        out.extend_from_slice(&b"      "[..6 - level.len().min(5)]);
-        out.extend_from_slice(level.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(TARGET.as_bytes());
-        out.push(b':');
-        event.record(&mut Fields { out, json: false });
-        out.push(b'\n');
+        line.out.extend_from_slice(b"  INFO ");
+        line.out.extend_from_slice(TARGET.as_bytes());
+        line.out.push(b':');
+    }
+    line.text("policy", entry.policy);
+    line.text("client", entry.client);
+    line.text("method", entry.method);
+    line.text("path", entry.path);
+    line.key("status");
+    push_decimal(line.out, u64::from(entry.status));
+    line.key("duration_ms");
+    push_millis(line.out, entry.duration);
+    line.text("endpoint", entry.endpoint);
+    line.key("attempts");
+    push_decimal(line.out, u64::from(entry.attempts));
+    line.text("error", entry.error);
+    if json {
+        line.out.extend_from_slice(b",\"target\":\"");
+        line.out.extend_from_slice(TARGET.as_bytes());
+        line.out.extend_from_slice(b"\"}\n");
+    } else {
+        line.out.push(b'\n');
     }
 }
 
-/// Appends each field as ` key=value` (text) or `,"key":value` (JSON).
-struct Fields<'a> {
+/// Appends fields as ` key=value` (text) or `,"key":value` (JSON).
+struct Line<'a> {
     out: &'a mut Vec<u8>,
     json: bool,
 }
 
-impl Fields<'_> {
-    fn key(&mut self, field: &Field) {
+impl Line<'_> {
+    fn key(&mut self, name: &str) {
         if self.json {
             self.out.extend_from_slice(b",\"");
-            push_json_escaped(self.out, field.name());
+            self.out.extend_from_slice(name.as_bytes());
             self.out.extend_from_slice(b"\":");
         } else {
             self.out.push(b' ');
-            self.out.extend_from_slice(field.name().as_bytes());
+            self.out.extend_from_slice(name.as_bytes());
             self.out.push(b'=');
         }
     }
 
-    fn string(&mut self, value: &str) {
+    fn text(&mut self, name: &str, value: &str) {
+        self.key(name);
         if self.json {
             self.out.push(b'"');
             push_json_escaped(self.out, value);
             self.out.push(b'"');
-        } else if !value.is_empty()
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\')
-        {
+        } else if !value.is_empty() && value.bytes().all(|b| BARE[usize::from(b)]) {
             self.out.extend_from_slice(value.as_bytes());
         } else {
             // Quoted and escaped only when a bare value could be misread.
@@ -126,61 +161,26 @@ impl Fields<'_> {
     }
 }
 
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field);
-        self.string(value);
+/// Bytes a text value may hold unquoted: visible ASCII except `"`, `=` and `\`.
+static BARE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = b'!';
+    while b <= b'~' {
+        table[b as usize] = !matches!(b, b'"' | b'=' | b'\\');
+        b += 1;
     }
+    table
+};
 
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field);
-        push_decimal(self.out, value);
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field);
-        if value < 0 {
-            self.out.push(b'-');
-        }
-        push_decimal(self.out, value.unsigned_abs());
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.key(field);
-        self.out
-            .extend_from_slice(if value { b"true" } else { b"false" });
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.key(field);
-        push_thousandths(self.out, value);
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.key(field);
-        let text = format!("{value:?}");
-        self.string(&text);
-    }
-}
-
-/// A non-negative float with three decimals (durations in milliseconds: microsecond
-/// resolution); anything else (negative, not finite, huge) through the standard formatter.
-fn push_thousandths(out: &mut Vec<u8>, value: f64) {
-    if value.is_finite() && (0.0..1e15).contains(&value) {
-        // In range: the rounded product fits a u64.
-        let thousandths = (value * 1000.0).round() as u64;
-        push_decimal(out, thousandths / 1000);
-        out.push(b'.');
-        let frac = thousandths % 1000;
-        out.push(b'0' + (frac / 100) as u8);
-        out.push(b'0' + (frac / 10 % 10) as u8);
-        out.push(b'0' + (frac % 10) as u8);
-    } else if value.is_finite() {
-        let _ = write!(out, "{value}");
-    } else {
-        // JSON has no NaN or infinity; text and JSON both get a readable null.
-        out.extend_from_slice(b"null");
-    }
+/// Milliseconds with three decimals (microsecond resolution), formatted with integers.
+fn push_millis(out: &mut Vec<u8>, duration: Duration) {
+    let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+    push_decimal(out, micros / 1000);
+    out.push(b'.');
+    let frac = micros % 1000;
+    out.push(b'0' + (frac / 100) as u8);
+    out.push(b'0' + (frac / 10 % 10) as u8);
+    out.push(b'0' + (frac % 10) as u8);
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
@@ -278,85 +278,68 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    use tracing_subscriber::layer::SubscriberExt;
-
     use super::*;
 
-    /// Collects written lines.
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    const ENTRY: Entry<'static> = Entry {
+        policy: "default/web",
+        client: "127.0.0.1:5000",
+        method: "GET",
+        path: "/a b\"c",
+        status: 200,
+        duration: Duration::from_micros(1_234_567),
+        endpoint: "10.0.0.1:80",
+        attempts: 1,
+        error: "-",
+    };
 
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'w> MakeWriter<'w> for Sink {
-        type Writer = Sink;
-        fn make_writer(&'w self) -> Sink {
-            self.clone()
-        }
-    }
-
-    fn logged(json: bool) -> String {
-        let sink = Sink::default();
-        let subscriber =
-            tracing_subscriber::registry().with(AccessLogLayer::new(sink.clone(), json));
-        tracing::subscriber::with_default(subscriber, || {
-            tracing::info!(
-                target: "breakwater::access",
-                policy = "default/web",
-                client = "127.0.0.1:5000",
-                method = "GET",
-                path = "/a b\"c",
-                status = 200u16,
-                duration_ms = 1.2345,
-                endpoint = "10.0.0.1:80",
-                attempts = 1u32,
-                error = "-",
-            );
-            tracing::info!(target: "breakwater::other", "not an access line");
-        });
-        let bytes = sink.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+    fn line(json: bool) -> String {
+        let mut out = Vec::new();
+        format_line(
+            &mut out,
+            &ENTRY,
+            json,
+            UNIX_EPOCH + Duration::from_micros(1_796_543_382_835_740),
+        );
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
     fn json_lines_parse_and_carry_every_field_with_its_type() {
-        let text = logged(true);
-        assert_eq!(text.lines().count(), 1, "only access events: {text}");
+        let text = line(true);
+        assert!(
+            text.ends_with("}\n") && text.matches('\n').count() == 1,
+            "{text}"
+        );
         let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(line["timestamp"], "2026-12-06T07:49:42.835740Z");
         assert_eq!(line["level"], "INFO");
         assert_eq!(line["target"], TARGET);
         assert_eq!(line["policy"], "default/web");
+        assert_eq!(line["client"], "127.0.0.1:5000");
+        assert_eq!(line["method"], "GET");
         assert_eq!(line["path"], "/a b\"c");
         assert_eq!(line["status"], 200);
-        assert_eq!(line["duration_ms"], 1.235);
+        assert_eq!(line["duration_ms"], 1234.567);
+        assert_eq!(line["endpoint"], "10.0.0.1:80");
         assert_eq!(line["attempts"], 1);
-        let timestamp = line["timestamp"].as_str().unwrap();
-        assert_eq!(timestamp.len(), 27, "{timestamp}");
-        assert!(timestamp.ends_with('Z'));
+        assert_eq!(line["error"], "-");
     }
 
     #[test]
     fn text_lines_keep_the_log_layout_and_quote_only_what_needs_it() {
-        let text = logged(false);
-        let line = text.trim_end();
-        let (timestamp, rest) = line.split_at(27);
-        assert!(timestamp.ends_with('Z'), "{line}");
         assert_eq!(
-            rest,
-            "  INFO breakwater::access: policy=default/web client=127.0.0.1:5000 method=GET \
-             path=\"/a b\\\"c\" status=200 duration_ms=1.235 endpoint=10.0.0.1:80 attempts=1 error=-"
+            line(false),
+            "2026-12-06T07:49:42.835740Z  INFO breakwater::access: policy=default/web \
+             client=127.0.0.1:5000 method=GET path=\"/a b\\\"c\" status=200 duration_ms=1234.567 \
+             endpoint=10.0.0.1:80 attempts=1 error=-\n"
         );
+    }
+
+    #[test]
+    fn control_bytes_are_escaped_in_json() {
+        let mut out = Vec::new();
+        push_json_escaped(&mut out, "a\u{1}\n\\\"");
+        assert_eq!(String::from_utf8(out).unwrap(), "a\\u0001\\n\\\\\\\"");
     }
 
     #[test]
@@ -376,16 +359,15 @@ mod tests {
     }
 
     #[test]
-    fn floats_print_three_decimals_and_never_break_json() {
-        let show = |v: f64| {
+    fn durations_print_milliseconds_with_three_decimals() {
+        let show = |d: Duration| {
             let mut out = Vec::new();
-            push_thousandths(&mut out, v);
+            push_millis(&mut out, d);
             String::from_utf8(out).unwrap()
         };
-        assert_eq!(show(0.0), "0.000");
-        assert_eq!(show(0.0004), "0.000");
-        assert_eq!(show(12.3456), "12.346");
-        assert_eq!(show(-1.5), "-1.5");
-        assert_eq!(show(f64::NAN), "null");
+        assert_eq!(show(Duration::ZERO), "0.000");
+        assert_eq!(show(Duration::from_nanos(400)), "0.000");
+        assert_eq!(show(Duration::from_micros(12_345)), "12.345");
+        assert_eq!(show(Duration::from_secs(90)), "90000.000");
     }
 }

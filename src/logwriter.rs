@@ -81,7 +81,8 @@ impl LineWriter {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
-    fn push(&self, line: &[u8]) {
+    /// Queues one or more whole lines (dropped and counted past [`MAX_PENDING_BYTES`]).
+    pub fn write_line(&self, line: &[u8]) {
         let mut pending = self.shared.lock();
         if pending.bytes.len() + line.len() > MAX_PENDING_BYTES {
             drop(pending);
@@ -143,7 +144,7 @@ impl Drop for WriterGuard {
 impl Write for LineWriter {
     /// Takes `buf` whole: log layers hand over one complete line per call.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.push(buf);
+        self.write_line(buf);
         Ok(buf.len())
     }
 

@@ -15,9 +15,6 @@ use breakwater::kube::sidecar::{self, SidecarOptions};
 use breakwater::logwriter::{LineWriter, WriterGuard};
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use tracing_subscriber::Layer as _;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// mimalloc rather than the system allocator: per-request buffers (hyper's 8 KiB read buffers
 /// among them) are allocated and freed at a fraction of glibc's cost; measured in
@@ -240,21 +237,18 @@ fn init_tracing(format: LogFormat) -> anyhow::Result<LogWriter> {
     // Colours only for a person at a terminal: never into files, `kubectl logs` or collectors.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    // Access-log lines have a formatter of their own (`accesslog`): through the `fmt` layer
-    // a line cost a third of the proxy's CPU at full load.
-    let not_access = tracing_subscriber::filter::filter_fn(|meta| !accesslog::is_access_log(meta));
+    // Access-log lines are formatted by `accesslog` and written straight to the same writer:
+    // through the `fmt` layer a line cost a third of the proxy's CPU at full load.
     let json = matches!(format, LogFormat::Json);
-    let access = accesslog::AccessLogLayer::new(writer.clone(), json);
-    let fmt_layer = tracing_subscriber::fmt::layer()
+    accesslog::install(writer.clone(), json);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(writer.clone());
-    let registry = tracing_subscriber::registry().with(filter).with(access);
     if json {
-        registry
-            .with(fmt_layer.json().flatten_event(true).with_filter(not_access))
-            .init();
+        builder.json().flatten_event(true).init();
     } else {
-        registry.with(fmt_layer.with_filter(not_access)).init();
+        builder.init();
     }
     Ok(LogWriter {
         guard: Some(guard),

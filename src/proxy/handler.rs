@@ -29,6 +29,7 @@ use super::error::{MAX_URI_BYTES, ProxyError};
 use super::headers::{self, ClientSide, PeerHeaders};
 use super::pool::{ConnectError, PoolReturn, SendError, UpstreamBody, UpstreamError};
 use super::{caching, websocket};
+use crate::accesslog;
 use crate::ratelimit::policy::client_ip;
 use crate::resilience::breaker::{BreakerState, Permit};
 use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
@@ -93,8 +94,7 @@ pub async fn handle(
             .map(|b| b.with_active(active));
     };
     // The access log needs the request line after the request is gone; copy it only when logged.
-    let logged = tracing::enabled!(target: crate::accesslog::TARGET, tracing::Level::INFO)
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let logged = accesslog::enabled().then(|| (req.method().clone(), req.uri().clone()));
     // Overload: a cheap counter shared by the policy's requests across snapshots, held until the
     // response body has gone out.
     let Some(slot) = policy
@@ -122,19 +122,18 @@ pub async fn handle(
             .with_label_values(&[policy.label.as_str(), error.cause()])
             .inc();
     }
-    if let Some((method, path)) = logged {
-        tracing::info!(
-            target: crate::accesslog::TARGET,
-            policy = policy.label.as_str(),
-            client = &*conn.peer_text,
-            method = method.as_str(),
-            path = path.as_str(),
+    if let Some((method, uri)) = logged {
+        accesslog::record(&accesslog::Entry {
+            policy: &policy.label,
+            client: &conn.peer_text,
+            method: method.as_str(),
+            path: uri.path(),
             status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            endpoint = outcome.endpoint.map_or("-", |e| e.authority.as_str()),
-            attempts = outcome.attempts,
-            error = outcome.error.as_ref().map_or("-", ProxyError::cause),
-        );
+            duration: elapsed,
+            endpoint: outcome.endpoint.map_or("-", |e| e.authority.as_str()),
+            attempts: outcome.attempts,
+            error: outcome.error.as_ref().map_or("-", ProxyError::cause),
+        });
     }
     response.map(|b| b.with_active(active).with_slot(slot))
 }
