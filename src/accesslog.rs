@@ -15,6 +15,7 @@ use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::ascii::push_decimal;
 use crate::logwriter::LineWriter;
 
 /// The `tracing` target of access-log lines.
@@ -181,20 +182,6 @@ fn push_millis(out: &mut Vec<u8>, duration: Duration) {
     out.push(b'0' + (frac / 100) as u8);
     out.push(b'0' + (frac / 10 % 10) as u8);
     out.push(b'0' + (frac % 10) as u8);
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 fn push_json_escaped(out: &mut Vec<u8>, value: &str) {

@@ -8,6 +8,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod app;
+mod ascii;
 pub mod balance;
 pub mod cache;
 pub mod config;

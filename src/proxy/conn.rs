@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -137,6 +138,9 @@ pin_project! {
         pending_408: &'static [u8],
         timed_out: bool,
         heads: HeadTracker,
+        // Bytes read from the stream before this wrapper took it over (see `server.rs`):
+        // returned first, and inspected like any other read.
+        prefix: Bytes,
     }
 }
 
@@ -157,8 +161,30 @@ impl<S> ConnIo<S> {
             pending_408: &[],
             timed_out: false,
             heads: HeadTracker::default(),
+            prefix: Bytes::new(),
         }
     }
+
+    /// Returns `prefix` — bytes already read from the stream — before reading on.
+    pub fn with_prefix(mut self, prefix: Bytes) -> Self {
+        self.prefix = prefix;
+        self
+    }
+}
+
+/// Reads from `prefix` while it lasts, then from `inner`.
+fn poll_read_prefixed<S: AsyncRead>(
+    prefix: &mut Bytes,
+    inner: Pin<&mut S>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    if prefix.is_empty() {
+        return inner.poll_read(cx, buf);
+    }
+    let n = prefix.len().min(buf.remaining());
+    buf.put_slice(&prefix.split_to(n));
+    Poll::Ready(Ok(()))
 }
 
 impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
@@ -173,7 +199,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
         }
         let shared = &**this.shared;
         if shared.upgraded.load(Ordering::Acquire) {
-            return this.inner.poll_read(cx, buf);
+            return poll_read_prefixed(this.prefix, this.inner, cx, buf);
         }
         let started = shared.started.load(Ordering::Acquire);
         if shared.active.load(Ordering::Acquire) > 0 {
@@ -192,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for ConnIo<S> {
             this.heads.resync(started);
         }
         let before = buf.filled().len();
-        let result = this.inner.as_mut().poll_read(cx, buf);
+        let result = poll_read_prefixed(this.prefix, this.inner.as_mut(), cx, buf);
         match &result {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 if *this.phase == Phase::Idle {

@@ -27,6 +27,7 @@ use tokio_util::io::poll_read_buf;
 use super::body::RequestBody;
 use super::headers::connection_has_token;
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
+use crate::ascii::push_decimal;
 
 /// Most header fields accepted in a response head (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -242,7 +243,7 @@ fn encode_request(out: &mut Vec<u8>, req: &Request<RequestBody>, body_len: usize
     }
     if body_len > 0 {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body_len.to_string().as_bytes());
+        push_decimal(out, body_len as u64);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");

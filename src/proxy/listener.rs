@@ -261,13 +261,14 @@ async fn serve_connection(
                 ))
             })
             .await;
-            if let Ended::Handover(stream) = ended {
+            if let Ended::Handover { stream, buffered } = ended {
                 let io = ConnIo::new(
                     stream,
                     Arc::clone(&shared),
                     timeouts.idle,
                     timeouts.request_header,
-                );
+                )
+                .with_prefix(buffered);
                 // Boxed so the hyper connection's state is not part of every connection's task.
                 Box::pin(serve(io, &policy, state, direct_ctx, stop)).await;
             }

@@ -32,13 +32,14 @@ use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ClientBody;
 use super::headers::list_has_token;
+use crate::ascii::{push_decimal, push_hex};
 
 /// Most header fields accepted in a request head (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -70,8 +71,14 @@ pub struct DirectLimits {
 pub enum Ended {
     /// Closed (by either side, an idle timeout, a drain or an error).
     Closed,
-    /// A request this path does not serve arrived: hyper takes over from here.
-    Handover(Prefixed<TcpStream>),
+    /// A request this path does not serve arrived: hyper takes over from here, reading
+    /// `buffered` (what was already read, untouched) before the rest of `stream`.
+    Handover {
+        /// The client connection.
+        stream: TcpStream,
+        /// Bytes already read from it.
+        buffered: Bytes,
+    },
 }
 
 /// Serves HTTP/1.1 requests on `stream` through `service` until the connection ends or a request
@@ -142,7 +149,12 @@ where
                 let _ = stream.shutdown().await;
                 return Ended::Closed;
             }
-            None => return Ended::Handover(Prefixed::new(read.freeze(), stream)),
+            None => {
+                return Ended::Handover {
+                    stream,
+                    buffered: read.freeze(),
+                };
+            }
         };
         let is_head = request.method() == Method::HEAD;
         let mut response = pin!(service(request));
@@ -548,34 +560,6 @@ fn status_forbids_length(status: StatusCode) -> bool {
     status.is_informational() || status == StatusCode::NO_CONTENT
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
-fn push_hex(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
 /// An IMF-fixdate for the `Date` header, formatted once a second per thread.
 fn push_date(out: &mut Vec<u8>) {
     thread_local! {
@@ -594,68 +578,6 @@ fn push_date(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(&cached.1);
     });
-}
-
-pin_project_lite::pin_project! {
-    /// A stream whose first reads return bytes that were already read from it.
-    pub struct Prefixed<S> {
-        prefix: Bytes,
-        #[pin]
-        inner: S,
-    }
-}
-
-impl<S> Prefixed<S> {
-    /// `prefix` is returned before anything read from `inner`.
-    pub fn new(prefix: Bytes, inner: S) -> Self {
-        Self { prefix, inner }
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        if this.prefix.is_empty() {
-            return this.inner.poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }
 
 #[cfg(test)]
@@ -903,13 +825,19 @@ mod tests {
         for bytes in cases {
             let (mut client, server) = connect(LIMITS, CancellationToken::new(), echo).await;
             client.write_all(bytes).await.unwrap();
-            let Ended::Handover(mut stream) = server.await.unwrap() else {
+            let Ended::Handover {
+                mut stream,
+                buffered,
+            } = server.await.unwrap()
+            else {
                 panic!("served directly: {}", String::from_utf8_lossy(bytes));
             };
-            let mut replay = vec![0u8; bytes.len()];
-            stream.read_exact(&mut replay).await.unwrap();
-            assert_eq!(replay, bytes, "the bytes already read come first");
-            // The rest of the stream follows the replayed prefix.
+            assert_eq!(
+                &buffered[..],
+                bytes,
+                "what was read is handed over untouched"
+            );
+            // The rest of the stream follows what was buffered.
             client.write_all(b"more").await.unwrap();
             let mut more = [0u8; 4];
             stream.read_exact(&mut more).await.unwrap();
@@ -927,12 +855,10 @@ mod tests {
         assert!(read_responses(&mut client, 1).await[0].ends_with("GET /first "));
         let chunked = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         client.write_all(chunked).await.unwrap();
-        let Ended::Handover(mut stream) = server.await.unwrap() else {
+        let Ended::Handover { buffered, .. } = server.await.unwrap() else {
             panic!("the chunked request must be handed over");
         };
-        let mut replay = vec![0u8; chunked.len()];
-        stream.read_exact(&mut replay).await.unwrap();
-        assert_eq!(&replay[..], &chunked[..]);
+        assert_eq!(&buffered[..], &chunked[..]);
     }
 
     #[tokio::test]
@@ -1085,10 +1011,5 @@ mod tests {
         assert_eq!(parse_length(b"1,1"), None);
         assert_eq!(parse_length(b""), None);
         assert_eq!(parse_length(b"99999999999999999999"), None);
-        let mut out = Vec::new();
-        push_decimal(&mut out, 0);
-        push_hex(&mut out, 0x4e20);
-        push_decimal(&mut out, u64::MAX);
-        assert_eq!(out, b"04e2018446744073709551615");
     }
 }
