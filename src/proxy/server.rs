@@ -48,8 +48,13 @@ const MAX_TARGET_BYTES: usize = 65_534;
 /// Header fields the proxy adds to a forwarded request (`X-Forwarded-For/-Proto/-Host/-Port`,
 /// `Forwarded`, `Via`, and `Host` for clients that sent none).
 const ADDED_REQUEST_HEADERS: usize = 7;
-/// Read size while waiting for a head: hyper's initial buffer size.
+/// First read for a request: nginx's `client_header_buffer_size`, and the largest size the
+/// allocator serves from its fast path.
+const FIRST_READ: usize = 1024;
+/// Later reads while the socket keeps filling the buffer: hyper's initial buffer size.
 const READ_CHUNK: usize = 8 * 1024;
+/// Most bytes read in one go before the request at the front is looked at.
+const MAX_FILL: usize = 64 * 1024;
 /// Response bytes gathered before a write (head plus the body frames at hand).
 const WRITE_GATHER: usize = 64 * 1024;
 /// Body frames at least this large are written from their own buffer rather than copied.
@@ -199,21 +204,46 @@ where
 }
 
 /// Reads what the client sent into `read` once the socket is readable; no buffer is allocated
-/// while it is not. Reading through `poll_read` (not `try_read`) lets tokio clear the socket's
-/// readiness after a short read, which saves a read that would only say "nothing more".
+/// while it is not. The first read offers [`FIRST_READ`] bytes (most heads fit, and the
+/// allocator serves that size from its fast path); a read that fills the buffer is followed by
+/// larger ones until the socket has nothing more, up to [`MAX_FILL`]. Reading through
+/// `poll_read` (not `try_read`) lets tokio clear the socket's readiness after a short read,
+/// which saves a read that would only say "nothing more".
 fn poll_fill(
     stream: &mut TcpStream,
     read: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     std::task::ready!(stream.poll_read_ready(cx))?;
-    read.reserve(READ_CHUNK);
-    let polled = tokio_util::io::poll_read_buf(Pin::new(stream), cx, read);
-    if polled.is_pending() && read.is_empty() {
-        // The readiness was stale: wait holding nothing.
-        *read = BytesMut::new();
+    let mut total = 0;
+    loop {
+        read.reserve(if read.is_empty() {
+            FIRST_READ
+        } else {
+            READ_CHUNK
+        });
+        let offered = read.capacity() - read.len();
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, read) {
+            Poll::Ready(Ok(n)) => {
+                total += n;
+                // A short read (or end of stream) drained the socket for now.
+                if n == 0 || n < offered || read.len() >= MAX_FILL {
+                    return Poll::Ready(Ok(total));
+                }
+            }
+            // What was read is served first; the error shows again on the next read.
+            Poll::Ready(Err(_)) if total > 0 => return Poll::Ready(Ok(total)),
+            Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+            Poll::Pending if total > 0 => return Poll::Ready(Ok(total)),
+            Poll::Pending => {
+                if read.is_empty() {
+                    // The readiness was stale: wait holding nothing.
+                    *read = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
+        }
     }
-    polled
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -745,6 +775,27 @@ mod tests {
             .await
             .unwrap();
         assert!(read_responses(&mut client, 1).await[0].ends_with("GET /d "));
+    }
+
+    #[tokio::test]
+    async fn heads_larger_than_the_first_read_are_still_served_directly() {
+        let (mut client, server) = connect(LIMITS, CancellationToken::new(), echo).await;
+        let cookie = "c".repeat(5_000);
+        client
+            .write_all(
+                format!(
+                    "POST /big HTTP/1.1\r\nHost: h\r\nCookie: {cookie}\r\nContent-Length: 4\r\n\r\nbody"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let responses = read_responses(&mut client, 1).await;
+        assert!(responses[0].ends_with("POST /big body"), "{responses:?}");
+        assert!(
+            !server.is_finished(),
+            "no hand-over: the connection is still served here"
+        );
     }
 
     #[tokio::test]
