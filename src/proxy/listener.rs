@@ -248,6 +248,7 @@ async fn serve_connection(
                     .max_replay_bytes
                     .min(policy.config.limits.max_request_body_bytes),
                 idle: timeouts.idle,
+                head_timeout: timeouts.request_header,
             };
             let direct_ctx = ctx(false);
             let direct_state = Arc::clone(&state);

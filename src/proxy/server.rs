@@ -14,8 +14,8 @@
 //! complete in the first read (slow clients get hyper's handling and `ConnIo`'s 408), any
 //! head `httparse` rejects or that exceeds the header limit (hyper answers 400/431), HTTP/1.0,
 //! `CONNECT`, asterisk-form targets, `Transfer-Encoding`, repeated or invalid `Content-Length`,
-//! a body larger than what may be kept for retries or not yet fully received, `Expect`, and
-//! `Upgrade`. Nothing has been consumed from the byte stream when that happens.
+//! a body larger than what may be kept for retries or still missing after `requestHeader`,
+//! `Expect`, and `Upgrade`. Nothing has been consumed from the byte stream when that happens.
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
@@ -70,6 +70,9 @@ pub struct DirectLimits {
     pub max_buffered_body: u64,
     /// How long a keep-alive connection may sit with no request (`timeouts.idle`).
     pub idle: Duration,
+    /// How long the rest of a small body may take to follow its head
+    /// (`timeouts.requestHeader`); then hyper takes over, still waiting.
+    pub head_timeout: Duration,
 }
 
 /// How a directly served connection ended.
@@ -153,6 +156,30 @@ where
                 let _ = stream.write_all(BAD_REQUEST).await;
                 let _ = stream.shutdown().await;
                 return Ended::Closed;
+            }
+            // Clients often send the body with a write of its own; it usually follows within
+            // microseconds. Wait for it as long as a head may take, then let hyper carry on.
+            Some(Parsed::NeedBody { total }) => {
+                let rest = tokio::time::timeout(limits.head_timeout, async {
+                    while read.len() < total {
+                        match poll_fn(|cx| poll_fill(&mut stream, &mut read, cx)).await {
+                            Ok(0) | Err(_) => return false,
+                            Ok(_) => {}
+                        }
+                    }
+                    true
+                })
+                .await;
+                match rest {
+                    Ok(true) => continue,
+                    Ok(false) => return Ended::Closed,
+                    Err(_) => {
+                        return Ended::Handover {
+                            stream,
+                            buffered: read.freeze(),
+                        };
+                    }
+                }
             }
             None => {
                 return Ended::Handover {
@@ -281,6 +308,9 @@ enum Parsed {
     /// Consumed from the stream but not representable (target or field the `http` types
     /// refuse): answered 400 and the connection closed.
     Invalid,
+    /// The head is complete and its body small enough, but not all of it has arrived: `total`
+    /// bytes (head and body) are needed. Nothing was consumed.
+    NeedBody { total: usize },
 }
 
 /// hyper's answer to a head it cannot parse.
@@ -353,10 +383,12 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
         (len, method, target_at..target_at + path.len())
     };
     let body_len = content_length.unwrap_or(0);
-    if body_len > limits.max_buffered_body
-        || (read.len() - len) < usize::try_from(body_len).unwrap_or(usize::MAX)
-    {
+    if body_len > limits.max_buffered_body {
         return None;
+    }
+    let total = usize::try_from(body_len).ok()?.checked_add(len)?;
+    if read.len() < total {
+        return Some(Parsed::NeedBody { total });
     }
     // From here on the request is consumed: what fails now is answered 400, as hyper would.
     let head = read.split_to(len).freeze();
@@ -628,6 +660,7 @@ mod tests {
         max_head_bytes: 8 * 1024,
         max_buffered_body: 1024,
         idle: Duration::from_secs(30),
+        head_timeout: Duration::from_secs(10),
     };
 
     /// A response body of scripted frames, of unknown length, that makes the writer wait
@@ -873,8 +906,13 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         ];
+        // A body still missing is waited for this long before hyper takes over.
+        let limits = DirectLimits {
+            head_timeout: Duration::from_millis(100),
+            ..LIMITS
+        };
         for bytes in cases {
-            let (mut client, server) = connect(LIMITS, CancellationToken::new(), echo).await;
+            let (mut client, server) = connect(limits, CancellationToken::new(), echo).await;
             client.write_all(bytes).await.unwrap();
             let Ended::Handover {
                 mut stream,
@@ -894,6 +932,25 @@ mod tests {
             stream.read_exact(&mut more).await.unwrap();
             assert_eq!(&more, b"more");
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_written_after_its_head_is_waited_for() {
+        let (mut client, server) = connect(LIMITS, CancellationToken::new(), echo).await;
+        client
+            .write_all(b"POST /later HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(b"hello").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(b" world").await.unwrap();
+        let responses = read_responses(&mut client, 1).await;
+        assert!(
+            responses[0].ends_with("POST /later hello world"),
+            "{responses:?}"
+        );
+        assert!(!server.is_finished(), "served here, not handed over");
     }
 
     #[tokio::test]
