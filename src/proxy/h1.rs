@@ -25,7 +25,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::body::RequestBody;
-use super::headers::connection_has_token;
+use super::headers::{connection_has_token, parse_content_length};
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
 use crate::ascii::push_decimal;
 
@@ -348,14 +348,8 @@ fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Erro
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            // Digits only (no sign), and few enough to fit a u64.
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(H1Error::Malformed("invalid content-length"));
-            }
-            let n = part
-                .iter()
-                .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+            let n =
+                parse_content_length(part).ok_or(H1Error::Malformed("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Malformed("conflicting content-length values"));
             }

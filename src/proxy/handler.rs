@@ -834,8 +834,7 @@ fn retry_after(response: &Response<UpstreamBody>, honor: bool) -> Option<std::ti
 fn content_length_of(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
+        .and_then(|v| headers::parse_content_length(v.as_bytes()))
 }
 
 /// Most pooled connections a request tries before opening a fresh one, when each turns out to

@@ -130,6 +130,18 @@ pub(crate) fn list_has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
+/// A `Content-Length` value: decimal digits only (RFC 9110 §8.6; no sign, no list), surrounding
+/// whitespace ignored, few enough digits to fit a u64.
+pub(crate) fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 19 {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
 /// Removes hop-by-hop headers: the fixed list and every header `Connection` names.
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (WebSocket handshakes).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -406,6 +418,16 @@ mod tests {
 
     fn peer(addr: &str) -> PeerHeaders {
         PeerHeaders::new(addr.parse().unwrap(), 8080)
+    }
+
+    #[test]
+    fn content_length_values_are_plain_decimals() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b" 42 "), Some(42));
+        assert_eq!(parse_content_length(b"+1"), None);
+        assert_eq!(parse_content_length(b"1,1"), None);
+        assert_eq!(parse_content_length(b""), None);
+        assert_eq!(parse_content_length(b"99999999999999999999"), None);
     }
 
     #[test]
