@@ -145,13 +145,28 @@ pub(crate) fn parse_content_length(value: &[u8]) -> Option<u64> {
 /// Removes hop-by-hop headers: the fixed list and every header `Connection` names.
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (WebSocket handshakes).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the (few) names present finds which hop-by-hop fields there are; only those
-    // are removed. Most responses carry just `Connection: keep-alive`, so this is one hashed
-    // removal instead of one per listed name.
+    // One pass over the (few) fields present finds which hop-by-hop names there are, whether
+    // `Connection` names any field beyond its usual options, and whether `TE` is just
+    // `trailers`; only then are hashed look-ups and removals made. Most responses carry just
+    // `Connection: keep-alive`, which costs one removal.
     let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
-            present |= 1 << i;
+    let mut connection_names_fields = false;
+    let mut te_other_than_trailers = false;
+    for (name, value) in headers.iter() {
+        let Some(i) = hop_by_hop_index(name) else {
+            continue;
+        };
+        present |= 1 << i;
+        match i {
+            0 => {
+                connection_names_fields |= value
+                    .as_bytes()
+                    .split(|b| *b == b',')
+                    .any(|token| !is_connection_option(token.trim_ascii(), keep_upgrade));
+            }
+            // `TE: trailers` is end-to-end in practice (gRPC needs it on HTTP/2 upstreams).
+            5 => te_other_than_trailers |= !value.as_bytes().eq_ignore_ascii_case(b"trailers"),
+            _ => {}
         }
     }
     if present == 0 {
@@ -160,7 +175,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         return;
     }
-    if present & 1 != 0 {
+    let te_trailers_only = !te_other_than_trailers;
+    if connection_names_fields {
         // Fields named by `Connection` (other than the fixed list and the usual `close` /
         // `keep-alive` options, which name no field to remove beyond it).
         let mut named: Vec<HeaderName> = Vec::new();
@@ -170,10 +186,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 .split(|b| *b == b',')
                 .map(<[u8]>::trim_ascii)
             {
-                if token.eq_ignore_ascii_case(b"close")
-                    || token.eq_ignore_ascii_case(b"keep-alive")
-                    || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
-                {
+                if is_connection_option(token, keep_upgrade) {
                     continue;
                 }
                 let Ok(token) = std::str::from_utf8(token) else {
@@ -191,10 +204,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    // `TE: trailers` is end-to-end in practice (gRPC needs it on HTTP/2 upstreams).
-    let te_trailers_only = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) == 0
             || (keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION))
@@ -207,6 +216,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// A `Connection` token that names no field to remove: empty, `close`, `keep-alive`, and
+/// `upgrade` when the upgrade is kept.
+fn is_connection_option(token: &[u8], keep_upgrade: bool) -> bool {
+    token.is_empty()
+        || token.eq_ignore_ascii_case(b"close")
+        || token.eq_ignore_ascii_case(b"keep-alive")
+        || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// The position of `name` in [`HOP_BY_HOP`]. Dispatches on the length first, so the usual
@@ -242,13 +260,17 @@ pub fn prepare_request(
     for name in &client.forwarding.remove_request_headers {
         headers.remove(name);
     }
+    // The `Host` value sent on, which `X-Forwarded-Host` repeats (a cheap clone, no copy).
+    let mut host = None;
     if let Some(authority) = authority {
-        let unchanged = headers
+        host = headers
             .get(header::HOST)
-            .is_some_and(|h| h.as_bytes() == authority.as_str().as_bytes());
-        if !unchanged {
+            .filter(|h| h.as_bytes() == authority.as_str().as_bytes())
+            .cloned();
+        if host.is_none() {
             if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(header::HOST, value);
+                headers.insert(header::HOST, value.clone());
+                host = Some(value);
             }
         }
     }
@@ -286,11 +308,11 @@ pub fn prepare_request(
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
         // `Host` was set from the authority above: reuse its value instead of copying again.
-        match headers.get(header::HOST).cloned() {
-            Some(host) if authority.is_some() => {
+        match host {
+            Some(host) => {
                 headers.insert(&X_FORWARDED_HOST, host);
             }
-            _ => {
+            None => {
                 headers.remove(&X_FORWARDED_HOST);
             }
         }
@@ -300,7 +322,11 @@ pub fn prepare_request(
     }
 
     // RFC 7239: append our hop to a trusted chain, otherwise start a new one.
-    let mut forwarded = String::with_capacity(96);
+    // Sized for the usual value (a quoted host included) so it is allocated once; `set` keeps
+    // the allocation as the header's bytes.
+    let mut forwarded = String::with_capacity(
+        peer.forwarded_for.len() + authority.map_or(0, |a| a.as_str().len() + 8) + 13,
+    );
     if trusted {
         for value in headers.get_all(&FORWARDED) {
             if let Ok(text) = value.to_str() {
@@ -355,7 +381,11 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 
 /// Sets `name` to `value` without copying it (or removes the header if the value is invalid).
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
-    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+    // Through a boxed slice: `Bytes` takes a `Vec` with spare capacity only by allocating a
+    // shared header for it, while trimming the spare capacity of a nearly full allocation is
+    // free in the allocator.
+    let bytes = bytes::Bytes::from(value.into_bytes().into_boxed_slice());
+    match HeaderValue::from_maybe_shared(bytes) {
         Ok(v) => {
             headers.insert(name, v);
         }
@@ -518,6 +548,28 @@ mod tests {
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn te_goes_unless_every_value_is_trailers_and_plain_options_name_nothing() {
+        let mut h = HeaderMap::new();
+        h.append("te", HeaderValue::from_static("trailers"));
+        h.append("te", HeaderValue::from_static("gzip"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, , close"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("te"), "{h:?}");
+        assert!(!h.contains_key("connection"), "{h:?}");
+        assert_eq!(h.len(), 1, "{h:?}");
+
+        let mut h = HeaderMap::new();
+        h.append("te", HeaderValue::from_static("Trailers"));
+        h.append("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get_all("te").iter().count(), 2);
     }
 
     #[test]
