@@ -333,15 +333,15 @@ impl ResponseBody {
     }
 
     /// Keeps the request counted against the policy's concurrency limit until this body is done.
-    pub fn with_slot(mut self, slot: ConcurrencySlot) -> Self {
+    /// In place: a response is a few hundred bytes, and moving it costs a copy each time.
+    pub fn hold_slot(&mut self, slot: ConcurrencySlot) {
         self.slot = Some(slot);
-        self
     }
 
-    /// Keeps the client connection's request count until this body is done.
-    pub fn with_active(mut self, active: ActiveRequest) -> Self {
+    /// Keeps the client connection's request count until this body is done (in place, as
+    /// [`Self::hold_slot`]).
+    pub fn hold_active(&mut self, active: ActiveRequest) {
         self.active = Some(active);
-        self
     }
 }
 

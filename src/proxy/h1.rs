@@ -137,7 +137,7 @@ impl H1Conn {
     /// response head. The connection travels on inside the response body, which returns it to
     /// `pool` once the body has been read to its end on a connection that stays open.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         pool: &Arc<EndpointPool>,
         req: Request<RequestBody>,
     ) -> Result<Response<H1Body>, H1SendError> {
@@ -166,24 +166,30 @@ impl H1Conn {
             Ok::<(), H1Error>(())
         }
         .await;
-        drop(req);
+        // The request's header map, now written out, holds the response's fields: its
+        // allocations are reused instead of made again.
+        let mut headers = req.into_parts().0.headers;
+        headers.clear();
         result.map_err(H1SendError::Failed)?;
-        self.read_response(pool, is_head)
+        self.read_response(pool, is_head, headers)
             .await
             .map_err(H1SendError::Failed)
     }
 
     async fn read_response(
-        mut self,
+        mut self: Box<Self>,
         pool: &Arc<EndpointPool>,
         is_head: bool,
+        mut headers: HeaderMap,
     ) -> Result<Response<H1Body>, H1Error> {
         loop {
-            if let Some(head) = parse_head(&mut self.read, &mut self.fields)? {
+            if let Some(head) = parse_head(&mut self.read, &mut self.fields, &mut headers)? {
                 let status = head.status.as_u16();
                 // Interim responses (100 Continue, 103 Early Hints) are not forwarded; 101 is
                 // final: the connection now speaks another protocol and is never reused.
                 if (100..200).contains(&status) && status != 101 {
+                    headers = head.headers;
+                    headers.clear();
                     continue;
                 }
                 let (framing, keep_alive) = framing(&head, is_head)?;
@@ -255,8 +261,14 @@ struct Head {
     headers: HeaderMap,
 }
 
-/// Parses one response head off the front of `buf`; `None` while it is incomplete.
-fn parse_head(buf: &mut BytesMut, fields: &mut Vec<FieldOffsets>) -> Result<Option<Head>, H1Error> {
+/// Parses one response head off the front of `buf`; `None` while it is incomplete. The fields go
+/// into `spare`, an empty map whose allocations the head takes over (an interim response hands
+/// back an empty map with them).
+fn parse_head(
+    buf: &mut BytesMut,
+    fields: &mut Vec<FieldOffsets>,
+    spare: &mut HeaderMap,
+) -> Result<Option<Head>, H1Error> {
     // Offsets into `buf`: names and values become slices of the head once it is split off.
     fields.clear();
     let (len, code, minor) = {
@@ -297,7 +309,8 @@ fn parse_head(buf: &mut BytesMut, fields: &mut Vec<FieldOffsets>) -> Result<Opti
         Version::HTTP_11
     };
     // One more for the `Via` the proxy appends on the way back.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 1);
+    let mut headers = std::mem::take(spare);
+    headers.reserve(fields.len() + 1);
     for &[name_start, name_end, value_start, value_end] in fields.iter() {
         let name = HeaderName::from_bytes(&head[name_start..name_end])
             .map_err(|_| H1Error::Malformed("invalid header name"))?;
@@ -381,7 +394,7 @@ enum BodyState {
 
 /// A response body read straight off its HTTP/1.1 connection.
 pub struct H1Body {
-    conn: Option<H1Conn>,
+    conn: Option<Box<H1Conn>>,
     pool: Option<Arc<EndpointPool>>,
     state: BodyState,
     reusable: bool,
@@ -406,7 +419,7 @@ enum Step {
 }
 
 impl H1Body {
-    fn new(conn: H1Conn, pool: Arc<EndpointPool>, framing: Framing, reusable: bool) -> Self {
+    fn new(conn: Box<H1Conn>, pool: Arc<EndpointPool>, framing: Framing, reusable: bool) -> Self {
         let state = match framing {
             Framing::Length(0) => BodyState::Done,
             Framing::Length(n) => BodyState::Length(n),

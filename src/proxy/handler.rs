@@ -89,9 +89,9 @@ pub async fn handle(
         snapshot.policy_for_listener(conn.listener).cloned()
     };
     let Some(policy) = policy else {
-        return ProxyError::Draining
-            .to_response()
-            .map(|b| b.with_active(active));
+        let mut response = ProxyError::Draining.to_response();
+        response.body_mut().hold_active(active);
+        return response;
     };
     // The access log needs the request line after the request is gone; copy it only when logged.
     let logged = accesslog::enabled().then(|| (req.method().clone(), req.uri().clone()));
@@ -101,11 +101,12 @@ pub async fn handle(
         .shared
         .enter(policy.config.overload.max_concurrent_requests)
     else {
-        let (response, _) = reject_overloaded(&policy, "max_concurrent_requests");
+        let (mut response, _) = reject_overloaded(&policy, "max_concurrent_requests");
         policy.unrouted_metrics.count(response.status().as_u16());
-        return response.map(|b| b.with_active(active));
+        response.body_mut().hold_active(active);
+        return response;
     };
-    let (response, outcome) = forward(&state, &policy, &conn, req, seq).await;
+    let (mut response, outcome) = forward(&state, &policy, &conn, req, seq).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     let backend_metrics = outcome
@@ -135,7 +136,10 @@ pub async fn handle(
             error: outcome.error.as_ref().map_or("-", ProxyError::cause),
         });
     }
-    response.map(|b| b.with_active(active).with_slot(slot))
+    let body = response.body_mut();
+    body.hold_active(active);
+    body.hold_slot(slot);
+    response
 }
 
 /// An error response and its outcome.
@@ -442,8 +446,9 @@ pub(super) async fn dispatch<'p>(
         };
         let guard = endpoint.state.start_request();
         let sent = now;
-        let result = tokio::time::timeout(
-            attempt_timeout,
+        // `timeout_at` from the instant already read: `timeout` would read the clock again.
+        let result = tokio::time::timeout_at(
+            now + attempt_timeout,
             exchange(policy, endpoint, upstream_req, timeouts.connect),
         )
         .await;

@@ -150,7 +150,9 @@ impl Body for UpstreamBody {
 enum Sender {
     H1(http1::SendRequest<RequestBody>),
     H2(http2::SendRequest<RequestBody>),
-    Direct(H1Conn),
+    /// Boxed: the connection changes hands several times per request (pool, send, response
+    /// body, pool again), and a pointer is cheaper to move than its buffers and socket.
+    Direct(Box<H1Conn>),
 }
 
 /// A connection checked out for one request.
@@ -185,7 +187,7 @@ pub struct EndpointPool {
     http2: bool,
     connect_timeout: Duration,
     /// Idle connections of the direct HTTP/1.1 client, most recently used last.
-    idle_direct: Mutex<Vec<(H1Conn, Instant)>>,
+    idle_direct: Mutex<Vec<(Box<H1Conn>, Instant)>>,
     /// Idle hyper HTTP/1.1 connections (streamed bodies, upgrades), most recently used last.
     idle: Mutex<Vec<Idle>>,
     shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
@@ -230,7 +232,7 @@ impl EndpointPool {
                 return Err(ConnectError::ConnectionLimit);
             }
             let io = self.open_stream_within_timeout().await?;
-            let conn = H1Conn::new(io, OpenGuard::new(&self.open));
+            let conn = Box::new(H1Conn::new(io, OpenGuard::new(&self.open)));
             return Ok(Conn {
                 sender: Sender::Direct(conn),
                 reused: false,
@@ -261,7 +263,7 @@ impl EndpointPool {
         self.connect().await
     }
 
-    fn pop_idle_direct(&self) -> Option<H1Conn> {
+    fn pop_idle_direct(&self) -> Option<Box<H1Conn>> {
         let mut idle = lock(&self.idle_direct);
         let now = Instant::now();
         while let Some((mut conn, since)) = idle.pop() {
@@ -278,7 +280,7 @@ impl EndpointPool {
     }
 
     /// Takes back a direct HTTP/1.1 connection whose response ended cleanly.
-    pub(super) fn checkin_h1(&self, conn: H1Conn) {
+    pub(super) fn checkin_h1(&self, conn: Box<H1Conn>) {
         let mut idle = lock(&self.idle_direct);
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
             idle.push((conn, Instant::now()));
