@@ -90,13 +90,13 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<Authority>, Proxy
             // The authority parser accepts only URI characters, so no `to_str` pass first.
             Authority::try_from(value.as_bytes())
                 .ok()
-                .filter(|a| !a.host().is_empty() && !a.as_str().contains('@'))
+                .filter(|a| is_plain_host_port(a.as_str().as_bytes()))
                 .ok_or(ProxyError::BadRequest("invalid Host header"))?,
         ),
         None => None,
     };
     if let Some(authority) = req.uri().authority() {
-        if authority.as_str().contains('@') {
+        if authority.as_str().as_bytes().contains(&b'@') {
             return Err(ProxyError::BadRequest("userinfo in request target"));
         }
         return Ok(Some(authority.clone()));
@@ -105,6 +105,13 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<Authority>, Proxy
         (Version::HTTP_11, None) => Err(ProxyError::BadRequest("missing Host header")),
         (_, host) => Ok(host),
     }
+}
+
+/// Whether a parsed authority is `host[:port]` with a host: no userinfo (`@`), and not just a
+/// port. Byte checks: `Authority::host` searches for `@` from the end as text, and this runs for
+/// every request.
+fn is_plain_host_port(authority: &[u8]) -> bool {
+    authority.first().is_some_and(|&b| b != b':') && !authority.contains(&b'@')
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
@@ -397,10 +404,29 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
 
 /// Appends a `Forwarded` parameter value, quoted when it is not a plain token (RFC 7239 §4).
 fn push_forwarded_value(out: &mut String, value: &str) {
+    // A `match` rather than a search of the symbol list for every byte (hosts are mostly
+    // dots and colons).
     let is_token = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        && value.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        });
     if is_token {
         out.push_str(value);
         return;
@@ -610,6 +636,35 @@ mod tests {
             .body(())
             .unwrap();
         assert!(request_authority(&req).is_err());
+        for (host, ok) in [
+            ("example.com", true),
+            ("example.com:8080", true),
+            ("[2001:db8::1]:443", true),
+            ("user@example.com", false),
+            (":8080", false),
+        ] {
+            let req = Request::builder()
+                .uri("/")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            assert_eq!(request_authority(&req).is_ok(), ok, "{host}");
+        }
+    }
+
+    #[test]
+    fn forwarded_values_are_quoted_unless_tokens() {
+        for (value, expected) in [
+            ("example.com", "example.com"),
+            ("a!#$%&'*+-.^_`|~z", "a!#$%&'*+-.^_`|~z"),
+            ("example.com:8080", "\"example.com:8080\""),
+            ("[2001:db8::1]", "\"[2001:db8::1]\""),
+            ("a\"b", "\"a\\\"b\""),
+        ] {
+            let mut out = String::new();
+            push_forwarded_value(&mut out, value);
+            assert_eq!(out, expected, "{value}");
+        }
     }
 
     #[test]
