@@ -442,17 +442,21 @@ measure() {
     out="$TMP/$scen-$name-$tool-$r.out"
     log "$scen round $r/$ROUNDS: $name ($tool, ${DURATION}s${rate:+, ${rate} req/s})"
     [[ -n "${ACCESS_LOG[$name]:-}" ]] && : >"${ACCESS_LOG[$name]}"
-    t0="$(cpu_ticks "$pid")"
+    local u0 s0 u1 s1
+    read -r u0 s0 < <(cpu_ticks_split "$pid")
     run_load "$tool" "$port" "$DURATION" "$out" "$rate"
-    t1="$(cpu_ticks "$pid")"
+    read -r u1 s1 < <(cpu_ticks_split "$pid")
+    t0=$((u0 + s0))
+    t1=$((u1 + s1))
     rss="$(peak_rss_kib "$pid")"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) died during $scen round $r"
     if [[ -n "${ACCESS_LOG[$name]:-}" ]]; then
         lines="$(grep -c 'breakwater::access' "${ACCESS_LOG[$name]}" || true)"
         : >"${ACCESS_LOG[$name]}"
     fi
-    printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n' \
-        "$scen" "$name" "$r" "$tool" "$((t1 - t0))" "$rss" "$out" "${rate:-0}" "$lines" >>"$RAW"
+    printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\n' \
+        "$scen" "$name" "$r" "$tool" "$((t1 - t0))" "$rss" "$out" "${rate:-0}" "$lines" \
+        "$((u1 - u0))" "$((s1 - s0))" >>"$RAW"
 }
 
 warmup() { # scenario tool proxies...
@@ -620,11 +624,14 @@ def parse_h2load(text):
 PARSE = {"wrk": parse_wrk, "wrk1000": parse_wrk, "oha": parse_oha, "h2load": parse_h2load}
 rows = []
 for line in open(raw_path):
-    scen, name, rnd, tool, ticks, rss, path, rate, lines = line.rstrip("\n").split("\t")
+    scen, name, rnd, tool, ticks, rss, path, rate, lines, user, sys_ = line.rstrip("\n").split("\t")
     d = PARSE[tool](open(path).read())
     cpu_s = int(ticks) / clk
+    # CPU microseconds per request, user space and kernel apart: the proxies make the same
+    # system calls, so the kernel share is close to equal and the user share is where they differ.
+    per_req = lambda t: int(t) / clk * 1e6 / d["requests"] if d["requests"] else NAN
     d.update(scen=scen, name=name, round=int(rnd), tool=tool, cpu_s=cpu_s, rss_mib=int(rss) / 1024,
-             rate=int(rate), log_lines=int(lines),
+             rate=int(rate), log_lines=int(lines), user_us=per_req(user), sys_us=per_req(sys_),
              rpc=(d["requests"] / cpu_s) if cpu_s > 0 else NAN)
     rows.append(d)
 
@@ -651,7 +658,8 @@ med = {}
 for scen, tool in groups():
     for n in names(scen, tool):
         rs = [r for r in rows if r["scen"] == scen and r["tool"] == tool and r["name"] == n]
-        m = {k: nanmedian([r[k] for r in rs]) for k in ("rps", "p50", "p99", "p999", "rpc", "cpu_s")}
+        m = {k: nanmedian([r[k] for r in rs]) for k in ("rps", "p50", "p99", "p999", "rpc", "cpu_s",
+                                                     "user_us", "sys_us")}
         m["rss_mib"] = max(r["rss_mib"] for r in rs)
         m["errors"] = sum(r["errors"] for r in rs)
         m["rounds"] = rs
@@ -669,7 +677,7 @@ TITLE = {
 }
 out = []
 hdr = (f"{'proxy':<17}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'req/CPU-s':>11}"
-       f"{'CPU s':>7}{'RSS MiB':>9}{'errors':>8}")
+       f"{'CPU s':>7}{'user us/req':>12}{'sys us/req':>11}{'RSS MiB':>9}{'errors':>8}")
 for scen, tool in groups():
     title = TITLE.get((scen, tool), f"{scen} ({tool})")
     if tool == "oha":
@@ -681,6 +689,7 @@ for scen, tool in groups():
         m = med[(scen, tool, n)]
         out.append(f"{n:<17}{f(m['rps'], '>10.0f')}{f(m['p50'], '>9.3f')}{f(m['p99'], '>9.3f')}"
                    f"{f(m['p999'], '>10.3f')}{f(m['rpc'], '>11.0f')}{f(m['cpu_s'], '>7.2f')}"
+                   f"{f(m['user_us'], '>12.2f')}{f(m['sys_us'], '>11.2f')}"
                    f"{m['rss_mib']:>9.1f}{m['errors']:>8d}")
     if tool == "h2load":
         out.append("(h2load prints no percentiles: the p50 column holds its mean request time)")
@@ -738,6 +747,14 @@ ratio_line("plain", "plain", "oha", "breakwater", "haproxy", "p99", "p99 at fixe
 ratio_line("plain", "plain", "oha", "breakwater", "nginx", "p999", "p99.9 at fixed rate")
 ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "rps", "req/s")
 ratio_line("plain", "plain", "wrk", "breakwater", "haproxy", "rps", "req/s")
+ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "user_us", "user-space CPU per request")
+ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "sys_us", "kernel CPU per request")
+mn = get("plain", "wrk", "nginx")
+if mn and mn["sys_us"] == mn["sys_us"] and mn["sys_us"] > 0:
+    # With nginx's kernel time per request and no user-space time at all, breakwater would
+    # reach this req/CPU-s ratio: the ceiling any user-space work can buy.
+    out.append("plain: breakwater/nginx req/CPU-s ceiling at zero user-space cost "
+               f"{(mn['user_us'] + mn['sys_us']) / mn['sys_us']:.2f}")
 for n in ("bw-features", "bw-features-log"):
     ratio_line("features", "features", "wrk", n, "nginx", "rpc", "req/CPU-s", ">=", 0.90)
     ratio_line("features", "features", "wrk", n, "nginx", "rps", "req/s")

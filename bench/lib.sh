@@ -102,6 +102,20 @@ cpu_ticks() {
     echo "$total"
 }
 
+# cpu_ticks_split PID: "USER SYS" ticks of the process and its direct children (as
+# cpu_ticks, split so reports can tell user-space work from kernel work).
+cpu_ticks_split() {
+    local user=0 sys=0 p line rest f
+    for p in $(proc_tree "$1"); do
+        line="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+        rest="${line##*) }"
+        read -r -a f <<<"$rest"
+        user=$((user + f[11]))
+        sys=$((sys + f[12]))
+    done
+    echo "$user $sys"
+}
+
 # peak_rss_kib PID: sum of VmHWM over the process and its direct children.
 peak_rss_kib() {
     local total=0 p v
