@@ -260,41 +260,27 @@ async fn forward<'p>(
             ));
         }
     }
-    // One call site: a second `send(..).await` would give this future a second copy of its
+    // The body, buffered for retries when small enough (its exact size is its
+    // `Content-Length`, already parsed). Done here rather than in a function of its own: each
+    // nested `async fn` moves the request and its response through one more future.
+    let body = match body {
+        // Read with the head, within the retry and body limits (see `server.rs`).
+        ClientBody::Buffered(data) => AttemptBody::Replayable(data),
+        ClientBody::Streaming(body) => match streaming_body(policy, body, limit, upgrade).await {
+            Ok(body) => body,
+            Err(error) => return fail(error, None, 0),
+        },
+    };
+    // One call site: a second `dispatch(..).await` would give this future a second copy of its
     // (large) state.
     let (response, outcome) =
-        send(state, policy, conn, parts, body, authority, client_upgrade).await;
+        dispatch(state, policy, conn, parts, body, authority, client_upgrade).await;
     if let Some((cache, method, host, path_and_query)) = invalidate {
         if outcome.error.is_none() && crate::cache::invalidates(&method, response.status()) {
             cache.cache.invalidate(&host, &path_and_query);
         }
     }
     (response, outcome)
-}
-
-/// Sends a checked request with the client's body (buffered for retries when small enough; the
-/// body's exact size is its `Content-Length`, already parsed by hyper).
-async fn send<'p>(
-    state: &ProxyState,
-    policy: &'p PolicyRuntime,
-    conn: &ConnContext,
-    parts: http::request::Parts,
-    body: ClientBody,
-    authority: Option<Authority>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> (Response<ResponseBody>, Outcome<'p>) {
-    let upgrade = client_upgrade.is_some();
-    let limit = policy.config.limits.max_request_body_bytes;
-    let body = match body {
-        // Read with the head, within the retry and body limits (see `server.rs`).
-        ClientBody::Buffered(data) => Ok(AttemptBody::Replayable(data)),
-        ClientBody::Streaming(body) => streaming_body(policy, body, limit, upgrade).await,
-    };
-    let body = match body {
-        Ok(body) => body,
-        Err(error) => return fail(error, None, 0),
-    };
-    dispatch(state, policy, conn, parts, body, authority, client_upgrade).await
 }
 
 /// A body streamed by hyper: collected when small enough to keep for retries, else streamed.
@@ -415,7 +401,9 @@ pub(super) async fn dispatch<'p>(
             head.headers.remove(header::HOST);
             Version::HTTP_2
         } else {
-            if !head.headers.contains_key(header::HOST) {
+            // `prepare_request` set `Host` from the authority; only a later attempt (after an
+            // HTTP/2 one) or a request without an authority can lack it.
+            if (authority.is_none() || attempts > 1) && !head.headers.contains_key(header::HOST) {
                 // HTTP/1.0 clients may send none, and an HTTP/2 attempt before this one removed it.
                 let host = authority.as_ref().unwrap_or(&endpoint.authority);
                 if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
@@ -435,7 +423,11 @@ pub(super) async fn dispatch<'p>(
         } else {
             Instant::now()
         };
-        let remaining = deadline.saturating_duration_since(now);
+        let remaining = if attempts == 1 {
+            timeouts.request
+        } else {
+            deadline.saturating_duration_since(now)
+        };
         let (attempt_timeout, timeout_error) = if timeouts.per_try < remaining {
             (
                 timeouts.per_try,
