@@ -231,7 +231,9 @@ impl EndpointPool {
             if !may_connect() {
                 return Err(ConnectError::ConnectionLimit);
             }
-            let io = self.open_stream_within_timeout().await?;
+            // Boxed, as below: connecting (TCP, TLS, handshakes) is rare next to reuse, and
+            // inline its state would enlarge every request's future, copied on every move.
+            let io = Box::pin(self.open_stream_within_timeout()).await?;
             let conn = Box::new(H1Conn::new(io, OpenGuard::new(&self.open)));
             return Ok(Conn {
                 sender: Sender::Direct(conn),
@@ -260,7 +262,7 @@ impl EndpointPool {
         if !may_connect() {
             return Err(ConnectError::ConnectionLimit);
         }
-        self.connect().await
+        Box::pin(self.connect()).await
     }
 
     fn pop_idle_direct(&self) -> Option<Box<H1Conn>> {
