@@ -60,6 +60,41 @@ const WRITE_GATHER: usize = 64 * 1024;
 /// Body frames at least this large are written from their own buffer rather than copied.
 const COPY_LIMIT: usize = 16 * 1024;
 
+/// Response buffers kept per thread for reuse; the pool holds at most this many...
+const MAX_SPARE_BUFFERS: usize = 64;
+/// ...each at most this large (a buffer grown by a big response goes back to the allocator).
+const MAX_SPARE_CAPACITY: usize = 16 * 1024;
+
+thread_local! {
+    /// Response buffers of connections gone idle, lent to the next response written on this
+    /// thread: an idle connection holds no buffer, and a busy one does not allocate one per
+    /// response.
+    static SPARE_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A response buffer from this thread's spares, or a new (unallocated) one.
+fn borrow_buffer() -> Vec<u8> {
+    SPARE_BUFFERS
+        .try_with(|spares| spares.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Gives a response buffer back to this thread's spares (or frees it when they are full).
+fn return_buffer(mut buffer: Vec<u8>) {
+    if buffer.capacity() == 0 || buffer.capacity() > MAX_SPARE_CAPACITY {
+        return;
+    }
+    buffer.clear();
+    let _ = SPARE_BUFFERS.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < MAX_SPARE_BUFFERS {
+            spares.push(buffer);
+        }
+    });
+}
+
 /// What a connection may do on this path.
 #[derive(Clone, Copy, Debug)]
 pub struct DirectLimits {
@@ -122,7 +157,7 @@ where
         if read.is_empty() {
             // Idle: hold no buffers, only the socket.
             read = BytesMut::new();
-            write = Vec::new();
+            return_buffer(std::mem::take(&mut write));
             let woke = poll_fn(|cx| {
                 match poll_fill(&mut stream, &mut read, cx) {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleWake::Close),
@@ -218,6 +253,9 @@ where
                 .poll(&mut Context::from_waker(&signal_waker))
                 .is_ready();
         let close = client_close || draining;
+        if write.capacity() == 0 {
+            write = borrow_buffer();
+        }
         match write_response(&mut stream, &mut write, response, is_head, close).await {
             Ok(true) if !close => {}
             Ok(_) => {
@@ -760,6 +798,30 @@ mod tests {
             }
         }
         responses
+    }
+
+    #[test]
+    fn spare_response_buffers_are_bounded_in_number_and_size() {
+        for _ in 0..MAX_SPARE_BUFFERS + 10 {
+            return_buffer(Vec::with_capacity(512));
+        }
+        return_buffer(Vec::with_capacity(MAX_SPARE_CAPACITY + 1));
+        let kept = SPARE_BUFFERS.with_borrow(Vec::len);
+        assert_eq!(kept, MAX_SPARE_BUFFERS);
+        let mut buffer = borrow_buffer();
+        assert!(buffer.is_empty() && buffer.capacity() >= 512);
+        buffer.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return_buffer(buffer);
+        for _ in 0..MAX_SPARE_BUFFERS {
+            let buffer = borrow_buffer();
+            assert!(buffer.is_empty(), "a lent buffer starts empty");
+            assert!(buffer.capacity() <= MAX_SPARE_CAPACITY);
+        }
+        assert_eq!(
+            borrow_buffer().capacity(),
+            0,
+            "no spares left: a new, unallocated buffer"
+        );
     }
 
     #[tokio::test]
