@@ -401,10 +401,10 @@ pub(super) async fn dispatch<'p>(
             head.headers.remove(header::HOST);
             Version::HTTP_2
         } else {
-            // `prepare_request` set `Host` from the authority; only a later attempt (after an
-            // HTTP/2 one) or a request without an authority can lack it.
+            // `prepare_request` set `Host` from the authority, so only a request without one
+            // (HTTP/1.0 clients may send none) or a later attempt (an HTTP/2 attempt before
+            // this one removed it) can lack it.
             if (authority.is_none() || attempts > 1) && !head.headers.contains_key(header::HOST) {
-                // HTTP/1.0 clients may send none, and an HTTP/2 attempt before this one removed it.
                 let host = authority.as_ref().unwrap_or(&endpoint.authority);
                 if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
                     head.headers.insert(header::HOST, value);
