@@ -436,7 +436,7 @@ run_load() { # tool port seconds outfile [rate]
 
 # measure SCENARIO PROXY ROUND TOOL PORT [RATE]: one measured run, appended to $RAW.
 measure() {
-    local scen="$1" name="$2" r="$3" tool="$4" port="$5" rate="${6:-}" pid t0 t1 rss out lines=0
+    local scen="$1" name="$2" r="$3" tool="$4" port="$5" rate="${6:-}" pid rss out lines=0
     pid="${PROXY_PID[$name]}"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) is no longer running"
     out="$TMP/$scen-$name-$tool-$r.out"
@@ -446,8 +446,6 @@ measure() {
     read -r u0 s0 < <(cpu_ticks_split "$pid")
     run_load "$tool" "$port" "$DURATION" "$out" "$rate"
     read -r u1 s1 < <(cpu_ticks_split "$pid")
-    t0=$((u0 + s0))
-    t1=$((u1 + s1))
     rss="$(peak_rss_kib "$pid")"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) died during $scen round $r"
     if [[ -n "${ACCESS_LOG[$name]:-}" ]]; then
@@ -455,7 +453,7 @@ measure() {
         : >"${ACCESS_LOG[$name]}"
     fi
     printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\n' \
-        "$scen" "$name" "$r" "$tool" "$((t1 - t0))" "$rss" "$out" "${rate:-0}" "$lines" \
+        "$scen" "$name" "$r" "$tool" "$((u1 - u0 + s1 - s0))" "$rss" "$out" "${rate:-0}" "$lines" \
         "$((u1 - u0))" "$((s1 - s0))" >>"$RAW"
 }
 

@@ -87,33 +87,27 @@ wait_http() {
 # proc_tree PID: the PID and its direct children (nginx master + workers).
 proc_tree() { echo "$1"; children_of "$1"; }
 
-# cpu_ticks PID: utime+stime of the process and its direct children, in
-# clock ticks. /proc/PID/stat already covers every thread of a process;
-# children are added because nginx serves from worker processes.
-cpu_ticks() {
-    local total=0 p line rest f
-    for p in $(proc_tree "$1"); do
-        line="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
-        rest="${line##*) }"
-        # after comm: state(3) ppid(4) ... utime(14) stime(15) -> indices 11,12
-        read -r -a f <<<"$rest"
-        total=$((total + f[11] + f[12]))
-    done
-    echo "$total"
-}
-
-# cpu_ticks_split PID: "USER SYS" ticks of the process and its direct children (as
-# cpu_ticks, split so reports can tell user-space work from kernel work).
+# cpu_ticks_split PID: "USER SYS" clock ticks (utime, stime) of the process and its direct
+# children. /proc/PID/stat already covers every thread of a process; children are added because
+# nginx serves from worker processes.
 cpu_ticks_split() {
     local user=0 sys=0 p line rest f
     for p in $(proc_tree "$1"); do
         line="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
         rest="${line##*) }"
+        # after comm: state(3) ppid(4) ... utime(14) stime(15) -> indices 11,12
         read -r -a f <<<"$rest"
         user=$((user + f[11]))
         sys=$((sys + f[12]))
     done
     echo "$user $sys"
+}
+
+# cpu_ticks PID: utime+stime of the process and its direct children, in clock ticks.
+cpu_ticks() {
+    local user sys
+    read -r user sys < <(cpu_ticks_split "$1")
+    echo $((user + sys))
 }
 
 # peak_rss_kib PID: sum of VmHWM over the process and its direct children.
