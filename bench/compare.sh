@@ -305,41 +305,8 @@ spec:
     - {name: app, url: "http://127.0.0.1:$BACKEND_PORT"}
 EOF
 
-features_policy() { # $1 = listener port
-    cat <<EOF
-apiVersion: breakwater.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: bench-features}
-spec:
-  listener: {port: $1, address: 127.0.0.1}
-  backends:
-    - {name: app, url: "http://127.0.0.1:$BACKEND_PORT"}
-  timeouts: {connect: 1s, request: 15s, perTry: 5s, idle: 60s, requestHeader: 10s}
-  retry:
-    maxAttempts: 3
-    backoff: {initial: 25ms, max: 1s, multiplier: 2.0, jitter: Full}
-    retryOn: {connectFailure: true, reset: true, timeout: true, statusCodes: [502, 503, 504]}
-    budget: {ratio: 0.2, minRetriesPerSecond: 10}
-  circuitBreaker:
-    enabled: true
-    failureThreshold: 5
-    failureRatio: 0.5
-    minimumRequests: 20
-    window: 10s
-    successThreshold: 2
-    openTimeout: 30s
-    halfOpenMaxRequests: 1
-    maxEjectionPercent: 50
-  overload: {maxConnections: 4096, maxPendingRequests: 4096, maxConcurrentRequests: 4096}
-  healthCheck: {path: /healthz, interval: 1s, timeout: 500ms, unhealthyThreshold: 3, healthyThreshold: 2}
-  rateLimit:
-    algorithm: TokenBucket
-    global: {requestsPerSecond: 1000000, burst: 1000000}
-    perClient: {requestsPerSecond: 1000000, burst: 1000000, key: {clientIp: {}}}
-EOF
-}
-features_policy "$BWF_PORT" >"$TMP/bw-features.yaml"
-features_policy "$BWL_PORT" >"$TMP/bw-features-log.yaml"
+features_policy "$BWF_PORT" "$BACKEND_PORT" >"$TMP/bw-features.yaml"
+features_policy "$BWL_PORT" "$BACKEND_PORT" >"$TMP/bw-features-log.yaml"
 for f in bw-plain bw-features bw-features-log; do
     timeout 10 "$BIN" validate "$TMP/$f.yaml" >"$TMP/$f.validate" 2>&1 ||
         { cat "$TMP/$f.validate" >&2; die "breakwater validate rejected $f.yaml"; }

@@ -11,6 +11,10 @@
 #                    ${CARGO_TARGET_DIR:-target}/release/breakwater)
 #   DURATION         seconds of wrk load per proxy, after a 1 s warm-up (default 5)
 #   CONNECTIONS      wrk connections (default 32)
+#   BW_POLICY        breakwater's configuration: plain (default; the same as nginx's), features
+#                    (issue #7's "all features on": rate limits, breakers, retries with a budget,
+#                    health checks) or features-log (the same with the access log on, written
+#                    to a file; the log writer thread is counted too)
 #   PROFILE_OUT      if set, breakwater's callgrind dump is copied there, for
 #                    `callgrind_annotate --inclusive=yes PROFILE_OUT`
 # Loopback only; every process it starts is stopped by PID on exit.
@@ -20,6 +24,9 @@ DURATION="${DURATION:-5}"
 CONNECTIONS="${CONNECTIONS:-32}"
 [[ "$DURATION" =~ ^[0-9]+$ ]] && ((DURATION >= 1 && DURATION <= 120)) ||
     { echo "DURATION must be 1-120" >&2; exit 2; }
+BW_POLICY="${BW_POLICY:-plain}"
+[[ "$BW_POLICY" =~ ^(plain|features|features-log)$ ]] ||
+    { echo "BW_POLICY must be plain, features or features-log" >&2; exit 2; }
 [[ "$CONNECTIONS" =~ ^[0-9]+$ ]] && ((CONNECTIONS >= 1 && CONNECTIONS <= 1000)) ||
     { echo "CONNECTIONS must be 1-1000" >&2; exit 2; }
 
@@ -80,7 +87,8 @@ EOF
       add_header Via "1.1 nginx"; } } }
 EOF
 } >"$TMP/proxy.conf"
-cat >"$TMP/bw.yaml" <<EOF
+if [[ "$BW_POLICY" == plain ]]; then
+    cat >"$TMP/bw.yaml" <<EOF
 apiVersion: breakwater.io/v1alpha1
 kind: ResiliencePolicy
 metadata: {name: bench}
@@ -89,6 +97,11 @@ spec:
   backends:
     - {name: app, url: "http://127.0.0.1:$backend"}
 EOF
+else
+    features_policy "$bw" "$backend" >"$TMP/bw.yaml"
+fi
+bw_log_level=warn
+[[ "$BW_POLICY" == features-log ]] && bw_log_level=info
 
 # up URL: waits up to 30 s for URL to answer 2xx.
 up() { wait_http "$1" 30 || die "no answer from $1"; }
@@ -121,7 +134,7 @@ up "http://127.0.0.1:$plain/"
 read -r n_plain i_plain < <(measure "$nginx_pid" "http://127.0.0.1:$plain/" "$TMP/nginx.cg")
 read -r n_fwd i_fwd < <(measure "$nginx_pid" "http://127.0.0.1:$fwd/" "$TMP/nginx.cg")
 
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$TMP/bw.cg" \
+RUST_LOG="$bw_log_level" valgrind --tool=callgrind --callgrind-out-file="$TMP/bw.cg" \
     "$BREAKWATER_BIN" run --config "$TMP/bw.yaml" --admin-addr "127.0.0.1:$admin" --workers 1 \
     >"$TMP/bw.log" 2>&1 & STARTED_PIDS+=($!)
 bw_pid=$!
@@ -131,6 +144,7 @@ if [[ -n "${PROFILE_OUT:-}" ]]; then
     cp "$(ls -t "$TMP"/bw.cg.* | head -1)" "$PROFILE_OUT"
 fi
 
+echo "breakwater policy: $BW_POLICY"
 python3 - "$n_plain" "$i_plain" "$n_fwd" "$i_fwd" "$n_bw" "$i_bw" <<'EOF'
 import sys
 n_plain, i_plain, n_fwd, i_fwd, n_bw, i_bw = map(int, sys.argv[1:])

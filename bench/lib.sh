@@ -143,3 +143,40 @@ start_nginx() { # $1 = name, $2 = conf file, $3.. = CPU pinning prefix; sets LAS
     LAST_PID=$!
     STARTED_PIDS+=("$LAST_PID")
 }
+
+# features_policy LISTEN_PORT BACKEND_PORT: the "all features on" policy of issue #7 (rate
+# limits far above the load, breakers, retries with a budget, health checks), shared by
+# compare.sh and instructions.sh so both measure the same configuration.
+features_policy() {
+    cat <<EOF
+apiVersion: breakwater.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: bench-features}
+spec:
+  listener: {port: $1, address: 127.0.0.1}
+  backends:
+    - {name: app, url: "http://127.0.0.1:$2"}
+  timeouts: {connect: 1s, request: 15s, perTry: 5s, idle: 60s, requestHeader: 10s}
+  retry:
+    maxAttempts: 3
+    backoff: {initial: 25ms, max: 1s, multiplier: 2.0, jitter: Full}
+    retryOn: {connectFailure: true, reset: true, timeout: true, statusCodes: [502, 503, 504]}
+    budget: {ratio: 0.2, minRetriesPerSecond: 10}
+  circuitBreaker:
+    enabled: true
+    failureThreshold: 5
+    failureRatio: 0.5
+    minimumRequests: 20
+    window: 10s
+    successThreshold: 2
+    openTimeout: 30s
+    halfOpenMaxRequests: 1
+    maxEjectionPercent: 50
+  overload: {maxConnections: 4096, maxPendingRequests: 4096, maxConcurrentRequests: 4096}
+  healthCheck: {path: /healthz, interval: 1s, timeout: 500ms, unhealthyThreshold: 3, healthyThreshold: 2}
+  rateLimit:
+    algorithm: TokenBucket
+    global: {requestsPerSecond: 1000000, burst: 1000000}
+    perClient: {requestsPerSecond: 1000000, burst: 1000000, key: {clientIp: {}}}
+EOF
+}
