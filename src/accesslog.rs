@@ -93,72 +93,109 @@ pub fn record(entry: &Entry<'_>) {
     });
 }
 
-/// The line for `entry` at `now`, newline included.
-fn format_line(out: &mut Vec<u8>, entry: &Entry<'_>, json: bool, now: SystemTime) {
-    let mut line = Line { out, json };
-    if json {
-        line.out.extend_from_slice(b"{\"timestamp\":\"");
-        push_timestamp(line.out, now);
-        line.out.extend_from_slice(b"\",\"level\":\"INFO\"");
-    } else {
-        push_timestamp(line.out, now);
-        // `tracing-subscriber`'s layout: the level right-aligned in five columns.
-        line.out.extend_from_slice(b"  INFO ");
-        line.out.extend_from_slice(TARGET.as_bytes());
-        line.out.push(b':');
-    }
-    line.text("policy", entry.policy);
-    line.text("client", entry.client);
-    line.text("method", entry.method);
-    line.text("path", entry.path);
-    line.key("status");
-    push_decimal(line.out, u64::from(entry.status));
-    line.key("duration_ms");
-    push_millis(line.out, entry.duration);
-    line.text("endpoint", entry.endpoint);
-    line.key("attempts");
-    push_decimal(line.out, u64::from(entry.attempts));
-    line.text("error", entry.error);
-    if json {
-        line.out.extend_from_slice(b",\"target\":\"");
-        line.out.extend_from_slice(TARGET.as_bytes());
-        line.out.extend_from_slice(b"\"}\n");
-    } else {
-        line.out.push(b'\n');
-    }
-}
-
-/// Appends fields as ` key=value` (text) or `,"key":value` (JSON).
-struct Line<'a> {
-    out: &'a mut Vec<u8>,
+/// The constant runs of a line's layout, between the values. Each run (separator, key, `=` or
+/// `":"`, quotes) goes out as one copy: per-copy overhead, not bytes, is what a line costs.
+struct Layout {
+    /// Before the timestamp.
+    open: &'static [u8],
+    /// After the timestamp, up to the policy value.
+    policy: &'static [u8],
+    client: &'static [u8],
+    method: &'static [u8],
+    path: &'static [u8],
+    status: &'static [u8],
+    duration: &'static [u8],
+    endpoint: &'static [u8],
+    attempts: &'static [u8],
+    error: &'static [u8],
+    /// After the last value, newline included.
+    close: &'static [u8],
     json: bool,
 }
 
-impl Line<'_> {
-    fn key(&mut self, name: &str) {
-        if self.json {
-            self.out.extend_from_slice(b",\"");
-            self.out.extend_from_slice(name.as_bytes());
-            self.out.extend_from_slice(b"\":");
-        } else {
-            self.out.push(b' ');
-            self.out.extend_from_slice(name.as_bytes());
-            self.out.push(b'=');
-        }
-    }
+/// `tracing-subscriber`'s text layout: the level right-aligned in five columns, then the target.
+const TEXT: Layout = Layout {
+    open: b"",
+    policy: b"  INFO breakwater::access: policy=",
+    client: b" client=",
+    method: b" method=",
+    path: b" path=",
+    status: b" status=",
+    duration: b" duration_ms=",
+    endpoint: b" endpoint=",
+    attempts: b" attempts=",
+    error: b" error=",
+    close: b"\n",
+    json: false,
+};
 
-    fn text(&mut self, name: &str, value: &str) {
-        self.key(name);
-        if self.json {
-            self.out.push(b'"');
-            push_json_escaped(self.out, value);
-            self.out.push(b'"');
-        } else if !value.is_empty() && value.bytes().all(|b| BARE[usize::from(b)]) {
-            self.out.extend_from_slice(value.as_bytes());
+/// One JSON object per line; text values are quoted, numbers are not.
+const JSON: Layout = Layout {
+    open: b"{\"timestamp\":\"",
+    policy: b"\",\"level\":\"INFO\",\"policy\":\"",
+    client: b"\",\"client\":\"",
+    method: b"\",\"method\":\"",
+    path: b"\",\"path\":\"",
+    status: b"\",\"status\":",
+    duration: b",\"duration_ms\":",
+    endpoint: b",\"endpoint\":\"",
+    attempts: b"\",\"attempts\":",
+    error: b",\"error\":\"",
+    close: b"\",\"target\":\"breakwater::access\"}\n",
+    json: true,
+};
+
+/// The line for `entry` at `now`, newline included.
+fn format_line(out: &mut Vec<u8>, entry: &Entry<'_>, json: bool, now: SystemTime) {
+    let layout = if json { &JSON } else { &TEXT };
+    out.reserve(
+        LINE_OVERHEAD
+            + entry.policy.len()
+            + entry.client.len()
+            + entry.method.len()
+            + entry.path.len()
+            + entry.endpoint.len()
+            + entry.error.len(),
+    );
+    out.extend_from_slice(layout.open);
+    push_timestamp(out, now);
+    out.extend_from_slice(layout.policy);
+    push_text(out, entry.policy, layout.json);
+    out.extend_from_slice(layout.client);
+    push_text(out, entry.client, layout.json);
+    out.extend_from_slice(layout.method);
+    push_text(out, entry.method, layout.json);
+    out.extend_from_slice(layout.path);
+    push_text(out, entry.path, layout.json);
+    out.extend_from_slice(layout.status);
+    push_decimal(out, u64::from(entry.status));
+    out.extend_from_slice(layout.duration);
+    push_millis(out, entry.duration);
+    out.extend_from_slice(layout.endpoint);
+    push_text(out, entry.endpoint, layout.json);
+    out.extend_from_slice(layout.attempts);
+    push_decimal(out, u64::from(entry.attempts));
+    out.extend_from_slice(layout.error);
+    push_text(out, entry.error, layout.json);
+    out.extend_from_slice(layout.close);
+}
+
+/// Room for a line's timestamp, keys, numbers and punctuation, beyond its text values.
+const LINE_OVERHEAD: usize = 224;
+
+/// A text value: in JSON escaped inside the layout's quotes; in text bare, or quoted and
+/// escaped only when a bare value could be misread.
+fn push_text(out: &mut Vec<u8>, value: &str, json: bool) {
+    if json {
+        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.extend_from_slice(value.as_bytes());
         } else {
-            // Quoted and escaped only when a bare value could be misread.
-            let _ = write!(self.out, "{value:?}");
+            push_json_escaped(out, value);
         }
+    } else if !value.is_empty() && value.bytes().all(|b| BARE[usize::from(b)]) {
+        out.extend_from_slice(value.as_bytes());
+    } else {
+        let _ = write!(out, "{value:?}");
     }
 }
 
