@@ -16,7 +16,8 @@ use tokio::time::Instant;
 
 use super::body::{CacheFill, ResponseBody};
 use super::error::ProxyError;
-use super::handler::{AttemptBody, ConnContext, Outcome, ProxyState, dispatch, fail, request_head};
+use super::handler::{AttemptBody, ConnContext, Outcome, ProxyState, dispatch, fail};
+use super::pool::copy_head;
 use crate::cache::{
     CacheKey, CachedResponse, Coalesce, LeaderGuard, LeaderResult, Lookup, Revalidation, Timing,
 };
@@ -187,7 +188,7 @@ async fn fetch_and_store<'p>(
     } = fetch;
     // A revalidation whose 304 turns out to validate another representation is repeated
     // unconditionally: keep the head for that.
-    let mut unconditional = revalidation.as_ref().map(|_| request_head(&parts));
+    let mut unconditional = revalidation.as_ref().map(|_| copy_head(&parts));
     let mut head = parts;
     if let Some(revalidation) = &revalidation {
         // The cache's validators replace the client's own: a 304 must be about the stored entry.

@@ -19,12 +19,11 @@ use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::body::RequestBody;
 use super::headers::{connection_has_token, parse_content_length};
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
 use crate::ascii::push_decimal;
@@ -65,8 +64,8 @@ impl H1Error {
 
 /// An exchange that failed, and whether the request could have reached the backend.
 pub enum H1SendError {
-    /// Not a byte was written: the request comes back whole.
-    NotSent(Box<Request<RequestBody>>, H1Error),
+    /// Not a byte was written: the request can go elsewhere.
+    NotSent(H1Error),
     /// The request (or part of it) was written.
     Failed(H1Error),
 }
@@ -133,44 +132,46 @@ impl H1Conn {
         }
     }
 
-    /// Sends `req` (whose body must be in memory, see [`RequestBody::in_memory`]) and reads the
-    /// response head. The connection travels on inside the response body, which returns it to
-    /// `pool` once the body has been read to its end on a connection that stays open.
+    /// Sends `head` and `body` and reads the response head. The head is only borrowed, so it
+    /// stays with the caller for another attempt without a copy; with `reuse_head_map` its
+    /// header map, once written out, is taken over (cleared) for the response's fields instead
+    /// of allocating another. The connection travels on inside the response body, which returns
+    /// it to `pool` once the body has been read to its end on a connection that stays open.
     pub async fn send(
         mut self: Box<Self>,
         pool: &Arc<EndpointPool>,
-        req: Request<RequestBody>,
+        head: &mut http::request::Parts,
+        body: &Bytes,
+        reuse_head_map: bool,
     ) -> Result<Response<H1Body>, H1SendError> {
-        let is_head = req.method() == Method::HEAD;
-        let Some(body) = req.body().in_memory() else {
-            // The pool sends streamed bodies through hyper; this is never reached.
-            let err = io::Error::new(io::ErrorKind::Unsupported, "streamed request body");
-            return Err(H1SendError::NotSent(Box::new(req), err.into()));
-        };
-        encode_request(&mut self.write, &req, body.len());
+        let is_head = head.method == Method::HEAD;
+        encode_request(&mut self.write, head, body.len());
         let separate_body = body.len() > COALESCE_BODY_BYTES;
         if !separate_body {
-            self.write.extend_from_slice(&body);
+            self.write.extend_from_slice(body);
         }
         // The first write tells whether anything left: if it fails, the request can go elsewhere.
         let written = match write_some(&mut self.io, &self.write).await {
             Ok(n) => n,
-            Err(err) => return Err(H1SendError::NotSent(Box::new(req), err.into())),
+            Err(err) => return Err(H1SendError::NotSent(err.into())),
         };
         let result = async {
             self.io.write_all(&self.write[written..]).await?;
             if separate_body {
-                self.io.write_all(&body).await?;
+                self.io.write_all(body).await?;
             }
             self.io.flush().await?;
             Ok::<(), H1Error>(())
         }
         .await;
-        // The request's header map, now written out, holds the response's fields: its
-        // allocations are reused instead of made again.
-        let mut headers = req.into_parts().0.headers;
-        headers.clear();
         result.map_err(H1SendError::Failed)?;
+        let headers = if reuse_head_map {
+            let mut headers = std::mem::take(&mut head.headers);
+            headers.clear();
+            headers
+        } else {
+            HeaderMap::new()
+        };
         self.read_response(pool, is_head, headers)
             .await
             .map_err(H1SendError::Failed)
@@ -227,18 +228,18 @@ async fn write_some(io: &mut MaybeTls, buf: &[u8]) -> io::Result<usize> {
 /// Writes the request line and header section into `out` (cleared first). The message framing
 /// is the proxy's own: a body in memory has a known length, so any `Content-Length` or
 /// `Transfer-Encoding` the head carries is replaced by the actual length.
-fn encode_request(out: &mut Vec<u8>, req: &Request<RequestBody>, body_len: usize) {
+fn encode_request(out: &mut Vec<u8>, head: &http::request::Parts, body_len: usize) {
     out.clear();
-    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    let target = req
-        .uri()
+    let target = head
+        .uri
         .path_and_query()
         .map_or("/", http::uri::PathAndQuery::as_str);
     out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let skip_length = body_len > 0;
-    for (name, value) in req.headers() {
+    for (name, value) in &head.headers {
         if name == header::TRANSFER_ENCODING || (skip_length && name == header::CONTENT_LENGTH) {
             continue;
         }
@@ -623,8 +624,10 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
+    use crate::proxy::body::RequestBody;
     use crate::proxy::pool::tests::pool_for;
     use crate::proxy::pool::{Conn, SendError, UpstreamBody};
+    use http::Request;
 
     /// What the scripted backend does after writing one response.
     #[derive(Clone, Copy, PartialEq)]
@@ -939,6 +942,7 @@ mod tests {
         let pool = pool_for(listener.local_addr().unwrap());
         let accept = tokio::spawn(async move { listener.accept().await.unwrap().0 });
         let req = Request::post("/once")
+            .header("x-kept", "yes")
             .body(RequestBody::full(Bytes::from_static(b"payload")))
             .unwrap();
         let conn = pool.checkout(&req, || true).await.unwrap();
@@ -947,10 +951,15 @@ mod tests {
         server_side.set_zero_linger().unwrap();
         drop(server_side);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        match conn.send(&pool, req).await {
-            Err(SendError::NotSent(req, err)) => {
-                assert_eq!(req.uri(), "/once");
-                assert_eq!(req.body().in_memory().unwrap(), "payload");
+        let (mut head, body) = req.into_parts();
+        let mut body = Some(body);
+        // Not kept (`keep_head` false): a request that never left is whole all the same.
+        match conn.send_parts(&pool, &mut head, &mut body, false).await {
+            Err(SendError::NotSent(err)) => {
+                assert_eq!(head.uri, "/once");
+                assert_eq!(head.headers["x-kept"], "yes");
+                let body = body.expect("the body stays with the caller");
+                assert_eq!(body.in_memory().unwrap(), "payload");
                 assert!(!err.is_protocol(), "{err}");
             }
             Err(SendError::Failed(err)) => panic!("reported as possibly sent: {err}"),

@@ -367,17 +367,13 @@ pub(super) async fn dispatch<'p>(
         let endpoint = &policy.endpoints[index];
         last_endpoint = Some(endpoint);
 
-        // A copy of the head is kept only when a retry may follow a request that *was* sent;
-        // a request that never left comes back whole, head included.
+        // The head must outlive the attempt only when a retry may follow a request that *was*
+        // sent; a request that never left comes back whole, head included. The direct client
+        // writes the head from here without taking it; hyper's take a copy only when it is kept.
         let may_retry = attempts < retry.max_attempts && !upgrade;
-        let keep_copy =
+        let keep_head =
             may_retry && (retry.on_reset || retry.on_timeout || !retry.status_codes.is_empty());
-        let mut head = if keep_copy {
-            request_head(&parts)
-        } else {
-            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
-        };
-        head.uri = if endpoint.pool.is_http2() {
+        parts.uri = if endpoint.pool.is_http2() {
             // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
             match Uri::builder()
                 .scheme(if endpoint.pool.is_tls() {
@@ -396,18 +392,18 @@ pub(super) async fn dispatch<'p>(
             // HTTP/1.1 to an origin server: origin form (RFC 9112 §3.2.1).
             Uri::from(path_and_query.clone())
         };
-        head.version = if endpoint.pool.is_http2() {
+        parts.version = if endpoint.pool.is_http2() {
             // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
-            head.headers.remove(header::HOST);
+            parts.headers.remove(header::HOST);
             Version::HTTP_2
         } else {
             // `prepare_request` set `Host` from the authority, so only a request without one
             // (HTTP/1.0 clients may send none) or a later attempt (an HTTP/2 attempt before
             // this one removed it) can lack it.
-            if (authority.is_none() || attempts > 1) && !head.headers.contains_key(header::HOST) {
+            if (authority.is_none() || attempts > 1) && !parts.headers.contains_key(header::HOST) {
                 let host = authority.as_ref().unwrap_or(&endpoint.authority);
                 if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
-                    head.headers.insert(header::HOST, value);
+                    parts.headers.insert(header::HOST, value);
                 }
             }
             Version::HTTP_11
@@ -416,7 +412,7 @@ pub(super) async fn dispatch<'p>(
             // A streamed body already went out with an earlier attempt: nothing left to resend.
             return fail(ProxyError::UpstreamReset, last_endpoint, attempts - 1);
         };
-        let upstream_req = Request::from_parts(head, attempt_body);
+        let mut attempt_body = Some(attempt_body);
 
         let now = if attempts == 1 {
             started
@@ -441,11 +437,18 @@ pub(super) async fn dispatch<'p>(
         // `timeout_at` from the instant already read: `timeout` would read the clock again.
         let result = tokio::time::timeout_at(
             now + attempt_timeout,
-            exchange(policy, endpoint, upstream_req, timeouts.connect),
+            exchange(
+                policy,
+                endpoint,
+                &mut parts,
+                &mut attempt_body,
+                keep_head,
+                timeouts.connect,
+            ),
         )
         .await;
         let result = match result {
-            Err(_) => Err((timeout_error, None)),
+            Err(_) => Err((timeout_error, false)),
             Ok(result) => result,
         };
         match result {
@@ -536,7 +539,7 @@ pub(super) async fn dispatch<'p>(
                     },
                 );
             }
-            Err((error, unsent)) => {
+            Err((error, never_sent)) => {
                 drop(guard);
                 if error.is_endpoint_failure() {
                     endpoint.state.record_failure(error.cause());
@@ -545,14 +548,12 @@ pub(super) async fn dispatch<'p>(
                     // Not the endpoint's fault (client body, overload): no verdict either way.
                     drop(permit);
                 }
-                let never_sent = unsent.is_some();
-                if let Some(unsent) = unsent {
-                    // Nothing reached the backend: head and body (even a streamed one) can go elsewhere.
-                    let (unsent_head, unsent_body) = unsent.into_parts();
-                    if !keep_copy {
-                        parts = unsent_head;
+                if never_sent {
+                    // Nothing reached the backend: head and body (even a streamed one) can go
+                    // elsewhere; the head is still in `parts`.
+                    if let Some(unsent) = attempt_body.take() {
+                        body.give_back(unsent);
                     }
-                    body.give_back(unsent_body);
                 }
                 let retryable = attempts < retry.max_attempts
                     && !upgrade
@@ -676,16 +677,6 @@ fn reject_overloaded<'p>(
             error: Some(error),
         },
     )
-}
-
-/// The request head again, for another attempt.
-pub(super) fn request_head(parts: &http::request::Parts) -> http::request::Parts {
-    let mut head = Request::new(()).into_parts().0;
-    head.method = parts.method.clone();
-    head.uri = parts.uri.clone();
-    head.version = parts.version;
-    head.headers = parts.headers.clone();
-    head
 }
 
 /// Chooses an endpoint and reserves its breaker admission (a half-open breaker admits only a
@@ -838,23 +829,25 @@ fn content_length_of(headers: &http::HeaderMap) -> Option<u64> {
 /// have been closed by the backend before the request could be written.
 const MAX_STALE_CONNECTIONS: usize = 3;
 
-/// Sends `req` to `endpoint` on a pooled or new connection. A request that provably never left
-/// (its pooled connection was already closed) is resent on another connection, whatever its
-/// method. On failure, a request that never left is handed back so it can go elsewhere.
+/// Sends the request in `head` and `body` to `endpoint` on a pooled or new connection (see
+/// [`Conn::send_parts`] for what `keep_head` keeps). A request that provably never left (its
+/// pooled connection was already closed) is resent on another connection, whatever its method.
+/// On failure, `true` says the request never left: it is still whole in `head` and `body`.
 async fn exchange(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
-    mut req: Request<RequestBody>,
+    head: &mut http::request::Parts,
+    body: &mut Option<RequestBody>,
+    keep_head: bool,
     connect_timeout: std::time::Duration,
-) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), (ProxyError, Option<Request<RequestBody>>)>
-{
+) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), (ProxyError, bool)> {
     let overload = &policy.config.overload;
     let mut stale = 0;
     loop {
         let Some(pending) =
             CountGuard::try_new(&policy.shared.pending, overload.max_pending_requests)
         else {
-            return Err((ProxyError::Overloaded("max_pending_requests"), Some(req)));
+            return Err((ProxyError::Overloaded("max_pending_requests"), true));
         };
         let may_connect = || {
             let open: usize = policy
@@ -864,31 +857,38 @@ async fn exchange(
                 .sum();
             open < overload.max_connections as usize
         };
-        let conn = match endpoint.pool.checkout(&req, may_connect).await {
+        let Some(current) = body.as_ref() else {
+            // A streamed body went out with an earlier try and cannot be sent again.
+            return Err((ProxyError::UpstreamReset, false));
+        };
+        let conn = match endpoint
+            .pool
+            .checkout_for(&head.headers, current, may_connect)
+            .await
+        {
             Ok(conn) => conn,
             Err(ConnectError::ConnectionLimit) => {
-                return Err((ProxyError::Overloaded("max_connections"), Some(req)));
+                return Err((ProxyError::Overloaded("max_connections"), true));
             }
-            Err(e) => return Err((classify_connect(&e, connect_timeout), Some(req))),
+            Err(e) => return Err((classify_connect(&e, connect_timeout), true)),
         };
         drop(pending);
         let reused = conn.reused;
-        match conn.send(&endpoint.pool, req).await {
+        match conn.send_parts(&endpoint.pool, head, body, keep_head).await {
             Ok(exchanged) => return Ok(exchanged),
-            Err(SendError::NotSent(unsent, err)) if reused && stale < MAX_STALE_CONNECTIONS => {
+            Err(SendError::NotSent(err)) if reused && stale < MAX_STALE_CONNECTIONS => {
                 tracing::debug!(endpoint = %endpoint.authority, %err, "pooled connection was closed; resending");
                 stale += 1;
-                req = *unsent;
             }
-            Err(SendError::NotSent(unsent, err)) => {
+            Err(SendError::NotSent(err)) => {
                 let error = classify_send(&err);
                 tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream exchange failed before sending");
-                return Err((error, Some(*unsent)));
+                return Err((error, true));
             }
             Err(SendError::Failed(err)) => {
                 let error = classify_send(&err);
                 tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream exchange failed");
-                return Err((error, None));
+                return Err((error, false));
             }
         }
     }

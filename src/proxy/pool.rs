@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{HeaderMap, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -76,8 +76,9 @@ pub enum ConnectError {
 /// Why a request could not be exchanged on a connection.
 #[derive(Debug)]
 pub enum SendError {
-    /// The request was never written; it is handed back so it can go elsewhere.
-    NotSent(Box<Request<RequestBody>>, UpstreamError),
+    /// The request was never written: it can go elsewhere ([`Conn::send_parts`] leaves it whole
+    /// with the caller).
+    NotSent(UpstreamError),
     /// The request may have reached the backend.
     Failed(UpstreamError),
 }
@@ -218,9 +219,18 @@ impl EndpointPool {
         req: &Request<RequestBody>,
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
-        let direct = !self.http2
-            && req.body().is_in_memory()
-            && !req.headers().contains_key(header::UPGRADE);
+        self.checkout_for(req.headers(), req.body(), may_connect)
+            .await
+    }
+
+    /// [`checkout`](Self::checkout) for a request held in parts.
+    pub async fn checkout_for(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        body: &RequestBody,
+        may_connect: impl FnOnce() -> bool,
+    ) -> Result<Conn, ConnectError> {
+        let direct = !self.http2 && body.is_in_memory() && !headers.contains_key(header::UPGRADE);
         if direct {
             if let Some(conn) = self.pop_idle_direct() {
                 return Ok(Conn {
@@ -408,34 +418,121 @@ impl Conn {
         pool: &Arc<EndpointPool>,
         req: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
+        let (mut head, body) = req.into_parts();
+        self.send_parts(pool, &mut head, &mut Some(body), false)
+            .await
+    }
+
+    /// Sends the request `head` with the body in `body`. The direct client only borrows the
+    /// head, so with `keep_head` it stays intact for another attempt without a copy, and
+    /// without it the header map is taken over for the response's fields. hyper's clients
+    /// take the request whole: the head is copied when `keep_head`, else moved out. A request
+    /// that was not sent ([`SendError::NotSent`]) is left whole in `head` and `body`.
+    pub async fn send_parts(
+        self,
+        pool: &Arc<EndpointPool>,
+        head: &mut http::request::Parts,
+        body: &mut Option<RequestBody>,
+        keep_head: bool,
+    ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
         match self.sender {
-            Sender::Direct(conn) => match conn.send(pool, req).await {
-                Ok(resp) => Ok((resp.map(UpstreamBody::H1), None)),
-                Err(H1SendError::NotSent(req, err)) => Err(SendError::NotSent(req, err.into())),
-                Err(H1SendError::Failed(err)) => Err(SendError::Failed(err.into())),
-            },
-            Sender::H1(mut sender) => match sender.try_send_request(origin_form(req)).await {
-                Ok(resp) => Ok((
-                    resp.map(UpstreamBody::Hyper),
-                    Some(PoolReturn {
-                        pool: Arc::clone(pool),
-                        sender,
-                    }),
-                )),
-                Err(mut err) => match err.take_message() {
-                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error().into())),
-                    None => Err(SendError::Failed(err.into_error().into())),
-                },
-            },
-            Sender::H2(mut sender) => match sender.try_send_request(req).await {
-                Ok(resp) => Ok((resp.map(UpstreamBody::Hyper), None)),
-                Err(mut err) => match err.take_message() {
-                    Some(req) => Err(SendError::NotSent(Box::new(req), err.into_error().into())),
-                    None => Err(SendError::Failed(err.into_error().into())),
-                },
-            },
+            Sender::Direct(conn) => {
+                let Some(bytes) = body.as_ref().and_then(RequestBody::in_memory) else {
+                    // `checkout` gives streamed bodies hyper's client; this is never reached.
+                    let err = io::Error::new(io::ErrorKind::Unsupported, "streamed request body");
+                    return Err(SendError::NotSent(UpstreamError::H1(err.into())));
+                };
+                match conn.send(pool, head, &bytes, !keep_head).await {
+                    Ok(resp) => Ok((resp.map(UpstreamBody::H1), None)),
+                    Err(H1SendError::NotSent(err)) => Err(SendError::NotSent(err.into())),
+                    Err(H1SendError::Failed(err)) => Err(SendError::Failed(err.into())),
+                }
+            }
+            Sender::H1(mut sender) => {
+                let req = origin_form(take_request(head, body, keep_head)?);
+                match sender.try_send_request(req).await {
+                    Ok(resp) => Ok((
+                        resp.map(UpstreamBody::Hyper),
+                        Some(PoolReturn {
+                            pool: Arc::clone(pool),
+                            sender,
+                        }),
+                    )),
+                    Err(mut err) => Err(unsent_back(
+                        err.take_message(),
+                        err.into_error(),
+                        head,
+                        body,
+                        keep_head,
+                    )),
+                }
+            }
+            Sender::H2(mut sender) => {
+                let req = take_request(head, body, keep_head)?;
+                match sender.try_send_request(req).await {
+                    Ok(resp) => Ok((resp.map(UpstreamBody::Hyper), None)),
+                    Err(mut err) => Err(unsent_back(
+                        err.take_message(),
+                        err.into_error(),
+                        head,
+                        body,
+                        keep_head,
+                    )),
+                }
+            }
         }
     }
+}
+
+/// The request for hyper's clients, which take it whole: the head copied when `keep_head`,
+/// else moved out of `head`.
+fn take_request(
+    head: &mut http::request::Parts,
+    body: &mut Option<RequestBody>,
+    keep_head: bool,
+) -> Result<Request<RequestBody>, SendError> {
+    let Some(body) = body.take() else {
+        let err = io::Error::new(io::ErrorKind::InvalidInput, "request body already sent");
+        return Err(SendError::NotSent(UpstreamError::H1(err.into())));
+    };
+    let head = if keep_head {
+        copy_head(head)
+    } else {
+        std::mem::replace(head, Request::new(()).into_parts().0)
+    };
+    Ok(Request::from_parts(head, body))
+}
+
+/// The error for a failed hyper exchange; a request hyper hands back unsent goes back where it
+/// came from.
+fn unsent_back(
+    unsent: Option<Request<RequestBody>>,
+    err: hyper::Error,
+    head: &mut http::request::Parts,
+    body: &mut Option<RequestBody>,
+    keep_head: bool,
+) -> SendError {
+    match unsent {
+        Some(req) => {
+            let (unsent_head, unsent_body) = req.into_parts();
+            if !keep_head {
+                *head = unsent_head;
+            }
+            *body = Some(unsent_body);
+            SendError::NotSent(err.into())
+        }
+        None => SendError::Failed(err.into()),
+    }
+}
+
+/// A copy of a request head for another attempt (method, target, version, fields; no extensions).
+pub(super) fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut head = Request::new(()).into_parts().0;
+    head.method = parts.method.clone();
+    head.uri = parts.uri.clone();
+    head.version = parts.version;
+    head.headers = parts.headers.clone();
+    head
 }
 
 /// HTTP/1.1 to an origin server takes the origin form (`/path?query`, RFC 9112 §3.2.1); hyper's

@@ -420,7 +420,7 @@ async fn exchange(
             // backend's health (a keep-alive timeout close to the interval races every probe);
             // a GET is safe to send once more.
             Err(_) if reused && !retried => retried = true,
-            Err(SendError::NotSent(_, err) | SendError::Failed(err)) => {
+            Err(SendError::NotSent(err) | SendError::Failed(err)) => {
                 return Err(ProbeFailure::Send(err));
             }
         }
