@@ -42,7 +42,7 @@
 use crate::sync::lock;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,7 +66,7 @@ const NIL: usize = usize::MAX;
 const DIGEST_PREFIX: &[u8] = b"sha256:";
 
 /// Who a per-client limit applies to.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientKey {
     /// The client's address. IPv6 addresses should be truncated to a prefix (a client usually
     /// owns a whole /64): [`ClientKey::ip`] does that.
@@ -111,6 +111,20 @@ struct Node<L> {
     prev: usize,
     /// Towards the tail (less recent).
     next: usize,
+}
+
+impl Hash for ClientKey {
+    /// One write per key: with SipHash every `write` call costs as much as the bytes it adds,
+    /// and the derived impl makes five for an address (two discriminants, a length, the bytes).
+    /// Keys of different kinds may hash alike (a 4-byte header and an IPv4 address); equality
+    /// still tells them apart, and the random SipHash key keeps any such pair unpredictable.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            ClientKey::Ip(IpAddr::V4(v4)) => state.write_u32(u32::from(*v4)),
+            ClientKey::Ip(IpAddr::V6(v6)) => state.write_u128(u128::from(*v6)),
+            ClientKey::Header(bytes) => state.write(bytes),
+        }
+    }
 }
 
 impl ClientKey {
@@ -627,6 +641,28 @@ mod tests {
                 window: Duration::from_secs(1)
             }
         );
+    }
+
+    #[test]
+    fn equal_keys_hash_equal_and_lookups_find_every_kind() {
+        let hasher = RandomState::new();
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let (a, b) = (ClientKey::ip(mapped, 64), ClientKey::ip(v4, 64));
+        assert_eq!(a, b);
+        assert_eq!(hasher.hash_one(&a), hasher.hash_one(&b));
+        let v6 = ClientKey::ip("2001:db8::1".parse().unwrap(), 64);
+        assert_eq!(
+            hasher.hash_one(&v6),
+            hasher.hash_one(ClientKey::ip("2001:db8::2".parse().unwrap(), 64)),
+            "one /64, one key"
+        );
+        let header = ClientKey::header(b"api-key-1");
+        let keys = [a, v6, header.clone(), ClientKey::header(b"api-key-2")];
+        let map: HashMap<&ClientKey, usize> = keys.iter().zip(0..).collect();
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[&header], 2);
+        assert_eq!(map[&ClientKey::ip(v4, 64)], 0);
     }
 
     #[test]
