@@ -187,28 +187,31 @@ const LINE_OVERHEAD: usize = 224;
 /// escaped only when a bare value could be misread.
 fn push_text(out: &mut Vec<u8>, value: &str, json: bool) {
     if json {
-        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        if value.bytes().fold(true, |plain, b| plain & json_plain(b)) {
             out.extend_from_slice(value.as_bytes());
         } else {
             push_json_escaped(out, value);
         }
-    } else if !value.is_empty() && value.bytes().all(|b| BARE[usize::from(b)]) {
+    } else if !value.is_empty() && value.bytes().fold(true, |bare, b| bare & is_bare(b)) {
         out.extend_from_slice(value.as_bytes());
     } else {
         let _ = write!(out, "{value:?}");
     }
 }
 
-/// Bytes a text value may hold unquoted: visible ASCII except `"`, `=` and `\`.
-static BARE: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = b'!';
-    while b <= b'~' {
-        table[b as usize] = !matches!(b, b'"' | b'=' | b'\\');
-        b += 1;
-    }
-    table
-};
+/// Whether a text value may hold `b` unquoted: visible ASCII except `"`, `=` and `\`.
+/// Comparisons rather than a table, and a fold without early exit, so the check over a whole
+/// value compiles to vector instructions: values are nearly always bare.
+#[inline]
+fn is_bare(b: u8) -> bool {
+    (b > b' ') & (b < 0x7f) & (b != b'"') & (b != b'=') & (b != b'\\')
+}
+
+/// Whether `b` goes into a JSON string as it is.
+#[inline]
+fn json_plain(b: u8) -> bool {
+    (b >= 0x20) & (b != b'"') & (b != b'\\')
+}
 
 /// Milliseconds with three decimals (microsecond resolution), formatted with integers.
 fn push_millis(out: &mut Vec<u8>, duration: Duration) {
@@ -357,6 +360,19 @@ mod tests {
              client=127.0.0.1:5000 method=GET path=\"/a b\\\"c\" status=200 duration_ms=1234.567 \
              endpoint=10.0.0.1:80 attempts=1 error=-\n"
         );
+    }
+
+    #[test]
+    fn bare_and_json_plain_bytes_are_exactly_the_documented_sets() {
+        for b in 0..=u8::MAX {
+            let visible = (b'!'..=b'~').contains(&b);
+            assert_eq!(is_bare(b), visible && !b"\"=\\".contains(&b), "byte {b:#x}");
+            assert_eq!(
+                json_plain(b),
+                b >= 0x20 && !b"\"\\".contains(&b),
+                "byte {b:#x}"
+            );
+        }
     }
 
     #[test]
