@@ -370,6 +370,54 @@ async fn hop_by_hop_response_headers_never_reach_the_client() {
     );
 }
 
+/// The common case, where `Connection` names no field: the proxy's own HTTP/1.1 client leaves
+/// hop-by-hop fields out while it parses, and still frames the body by them.
+#[tokio::test]
+async fn hop_by_hop_response_headers_are_dropped_when_connection_names_no_field() {
+    let (addr, task) = raw_backend(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+          Proxy-Connection: keep-alive\r\nProxy-Authenticate: Basic\r\nTrailer: x-sum\r\n\
+          Transfer-Encoding: chunked\r\nUpgrade: h2c\r\nTE: trailers\r\nX-Visible: yes\r\n\r\n\
+          2\r\nok\r\n1\r\n!\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = TestProxy::start(&policy("hop-plain", &[("app", addr)], "")).await;
+    // Twice: the second answer comes over the pooled connection the chunked body ended cleanly on.
+    for round in 0..2 {
+        let answer = get(&proxy.url("hop-plain", "/x")).await;
+        assert_eq!(
+            answer.status, 200,
+            "round {round}: the response should be relayed"
+        );
+        assert_eq!(
+            answer.text(),
+            "ok!",
+            "round {round}: the chunked body, decoded"
+        );
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "trailer",
+            "upgrade",
+            "te",
+        ] {
+            assert!(
+                !answer.headers.contains_key(name),
+                "round {round}: hop-by-hop response header {name} reached the client: {:?}",
+                answer.headers
+            );
+        }
+        let connection = header_values(&answer.headers, "connection").join(",");
+        assert!(
+            !connection.contains("keep-alive"),
+            "round {round}: the backend's Connection field reached the client: {connection:?}"
+        );
+        assert_eq!(header(&answer.headers, "x-visible"), Some("yes"));
+    }
+    task.abort();
+}
+
 #[tokio::test]
 async fn configured_header_removals_apply_in_both_directions() {
     let handler: Handler = Arc::new(|_req: Request<Incoming>| {

@@ -24,7 +24,9 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::headers::{connection_has_token, parse_content_length};
+use super::headers::{
+    HOP_CONNECTION, HOP_TRANSFER_ENCODING, hop_by_hop_index, parse_content_length,
+};
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
 use crate::ascii::push_decimal;
 
@@ -199,7 +201,8 @@ impl H1Conn {
                 *response.version_mut() = head.version;
                 *response.headers_mut() = head.headers;
                 let reusable = keep_alive && framing != Framing::UntilClose && status != 101;
-                let body = H1Body::new(self, Arc::clone(pool), framing, reusable);
+                let mut body = H1Body::new(self, Arc::clone(pool), framing, reusable);
+                body.hop_by_hop_stripped = head.hop.stripped;
                 return Ok(response.map(|()| body));
             }
             if self.read.len() >= MAX_HEAD_BYTES {
@@ -260,6 +263,7 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    hop: HopFields,
 }
 
 /// Parses one response head off the front of `buf`; `None` while it is incomplete. The fields go
@@ -312,46 +316,117 @@ fn parse_head(
     // One more for the `Via` the proxy appends on the way back.
     let mut headers = std::mem::take(spare);
     headers.reserve(fields.len() + 1);
+    let mut hop = HopFields::default();
     for &[name_start, name_end, value_start, value_end] in fields.iter() {
         let name = HeaderName::from_bytes(&head[name_start..name_end])
             .map_err(|_| H1Error::Malformed("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
             .map_err(|_| H1Error::Malformed("invalid header value"))?;
-        headers.append(name, value);
+        // Hop-by-hop fields describe this connection only: what framing needs is noted, and
+        // they never enter the map the client will see (no insertion now, no removal later).
+        match hop_by_hop_index(&name) {
+            None => {
+                headers.append(name, value);
+            }
+            Some(HOP_CONNECTION) => hop.note_connection(value.as_bytes()),
+            Some(HOP_TRANSFER_ENCODING) => hop.note_transfer_encoding(value.as_bytes()),
+            Some(_) => {}
+        }
+    }
+    // `Connection` naming other fields, or a protocol switch: rare, and the general stripping
+    // (which keeps `Upgrade` for a 101) decides. The map is built again with every field.
+    if hop.connection_names_fields || code == 101 {
+        headers.clear();
+        for &[name_start, name_end, value_start, value_end] in fields.iter() {
+            let name = HeaderName::from_bytes(&head[name_start..name_end])
+                .map_err(|_| H1Error::Malformed("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|_| H1Error::Malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        hop.stripped = false;
     }
     Ok(Some(Head {
         status,
         version,
         headers,
+        hop,
     }))
+}
+
+/// What a response's hop-by-hop fields said, noted while they were left out of its map.
+#[derive(Debug)]
+struct HopFields {
+    /// `Connection` lists `close`.
+    close: bool,
+    /// `Connection` lists `keep-alive`.
+    keep_alive: bool,
+    /// `Connection` lists anything else (a field to remove, or `upgrade`).
+    connection_names_fields: bool,
+    /// `Transfer-Encoding` is present.
+    transfer_encoding: bool,
+    /// The last coding of the last `Transfer-Encoding` field is `chunked`.
+    chunked_last: bool,
+    /// Every hop-by-hop field was left out of the map (false: the map has them all, and
+    /// the general stripping must run).
+    stripped: bool,
+}
+
+impl Default for HopFields {
+    fn default() -> Self {
+        Self {
+            close: false,
+            keep_alive: false,
+            connection_names_fields: false,
+            transfer_encoding: false,
+            chunked_last: false,
+            stripped: true,
+        }
+    }
+}
+
+impl HopFields {
+    fn note_connection(&mut self, value: &[u8]) {
+        for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() {
+                self.connection_names_fields = true;
+            }
+        }
+    }
+
+    fn note_transfer_encoding(&mut self, value: &[u8]) {
+        self.transfer_encoding = true;
+        self.chunked_last = value
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    }
 }
 
 /// The body's framing (RFC 9112 §6.3) and whether the connection may carry another request.
 fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Error> {
     let headers = &head.headers;
+    let hop = &head.hop;
     let mut keep_alive = if head.version == Version::HTTP_11 {
-        !connection_has_token(headers, "close")
+        !hop.close
     } else {
-        connection_has_token(headers, "keep-alive")
+        hop.keep_alive
     };
     let status = head.status.as_u16();
     if is_head_request || status == 204 || status == 304 || (100..200).contains(&status) {
         return Ok((Framing::Length(0), keep_alive));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if hop.transfer_encoding {
         // Both framings present is a smuggling vector: honour Transfer-Encoding, never reuse.
         if headers.contains_key(header::CONTENT_LENGTH) {
             keep_alive = false;
         }
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         return Ok((
-            if chunked {
+            if hop.chunked_last {
                 Framing::Chunked
             } else {
                 Framing::UntilClose
@@ -399,6 +474,8 @@ pub struct H1Body {
     pool: Option<Arc<EndpointPool>>,
     state: BodyState,
     reusable: bool,
+    /// The response's map was built without its hop-by-hop fields.
+    hop_by_hop_stripped: bool,
 }
 
 impl std::fmt::Debug for H1Body {
@@ -432,12 +509,19 @@ impl H1Body {
             pool: Some(pool),
             state,
             reusable,
+            hop_by_hop_stripped: false,
         };
         if matches!(body.state, BodyState::Done) {
             // A body that is already over may never be polled: hand the connection back now.
             body.finish();
         }
         body
+    }
+
+    /// Whether the response head this body belongs to has no hop-by-hop fields left: they
+    /// were noted and left out as it was parsed, so stripping them again can be skipped.
+    pub fn hop_by_hop_stripped(&self) -> bool {
+        self.hop_by_hop_stripped
     }
 
     /// The body ended: the connection goes back to its pool if it can carry another request.

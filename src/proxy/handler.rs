@@ -499,6 +499,7 @@ pub(super) async fn dispatch<'p>(
                                     client_version,
                                     &config.forwarding,
                                     true,
+                                    false,
                                 );
                                 let (parts, _) = response.into_parts();
                                 (
@@ -521,11 +522,16 @@ pub(super) async fn dispatch<'p>(
                     endpoint.state.record_failure("upstream_protocol");
                     return fail(ProxyError::UpstreamProtocol, Some(endpoint), attempts);
                 }
+                let stripped = match response.body() {
+                    UpstreamBody::H1(body) => body.hop_by_hop_stripped(),
+                    UpstreamBody::Hyper(_) => false,
+                };
                 headers::prepare_response(
                     response.headers_mut(),
                     client_version,
                     &config.forwarding,
                     false,
+                    stripped,
                 );
                 let response = response.map(|body| {
                     ResponseBody::upstream(body, timeouts.idle, guard, pool_return, received)

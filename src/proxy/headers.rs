@@ -25,6 +25,11 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// [`hop_by_hop_index`] of `Connection`.
+pub(crate) const HOP_CONNECTION: usize = 0;
+/// [`hop_by_hop_index`] of `Transfer-Encoding`.
+pub(crate) const HOP_TRANSFER_ENCODING: usize = 7;
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -237,7 +242,7 @@ fn is_connection_option(token: &[u8], keep_upgrade: bool) -> bool {
 /// The position of `name` in [`HOP_BY_HOP`]. Dispatches on the length first, so the usual
 /// end-to-end names cost one comparison of lengths (this runs for every header of every
 /// message).
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     let name = name.as_str();
     let candidates: &[usize] = match name.len() {
         10 => &[0, 1],
@@ -354,14 +359,18 @@ pub fn prepare_request(
     append_via(headers, version);
 }
 
-/// Rewrites a response's headers before it goes back to the client.
+/// Rewrites a response's headers before it goes back to the client. `stripped`: the map has
+/// no hop-by-hop fields already (the direct client leaves them out as it parses).
 pub fn prepare_response(
     headers: &mut HeaderMap,
     version: Version,
     forwarding: &Forwarding,
     upgrade: bool,
+    stripped: bool,
 ) {
-    strip_hop_by_hop(headers, upgrade);
+    if !stripped {
+        strip_hop_by_hop(headers, upgrade);
+    }
     for name in &forwarding.remove_response_headers {
         headers.remove(name);
     }
