@@ -25,7 +25,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::headers::{
-    HOP_CONNECTION, HOP_TRANSFER_ENCODING, hop_by_hop_index, parse_content_length,
+    HOP_CONNECTION, HOP_TRANSFER_ENCODING, PendingFields, hop_by_hop_index, parse_content_length,
 };
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
 use crate::ascii::push_decimal;
@@ -134,7 +134,7 @@ impl H1Conn {
         }
     }
 
-    /// Sends `head` and `body` and reads the response head. The head is only borrowed, so it
+    /// Sends `head` (then the `pending` fields) and `body` and reads the response head. The head is only borrowed, so it
     /// stays with the caller for another attempt without a copy; with `reuse_head_map` its
     /// header map, once written out, is taken over (cleared) for the response's fields instead
     /// of allocating another. The connection travels on inside the response body, which returns
@@ -143,11 +143,12 @@ impl H1Conn {
         mut self: Box<Self>,
         pool: &Arc<EndpointPool>,
         head: &mut http::request::Parts,
+        pending: Option<&PendingFields>,
         body: &Bytes,
         reuse_head_map: bool,
     ) -> Result<Response<H1Body>, H1SendError> {
         let is_head = head.method == Method::HEAD;
-        encode_request(&mut self.write, head, body.len());
+        encode_request(&mut self.write, head, pending, body.len());
         let separate_body = body.len() > COALESCE_BODY_BYTES;
         if !separate_body {
             self.write.extend_from_slice(body);
@@ -231,7 +232,12 @@ async fn write_some(io: &mut MaybeTls, buf: &[u8]) -> io::Result<usize> {
 /// Writes the request line and header section into `out` (cleared first). The message framing
 /// is the proxy's own: a body in memory has a known length, so any `Content-Length` or
 /// `Transfer-Encoding` the head carries is replaced by the actual length.
-fn encode_request(out: &mut Vec<u8>, head: &http::request::Parts, body_len: usize) {
+fn encode_request(
+    out: &mut Vec<u8>,
+    head: &http::request::Parts,
+    pending: Option<&PendingFields>,
+    body_len: usize,
+) {
     out.clear();
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
@@ -246,6 +252,12 @@ fn encode_request(out: &mut Vec<u8>, head: &http::request::Parts, body_len: usiz
         if name == header::TRANSFER_ENCODING || (skip_length && name == header::CONTENT_LENGTH) {
             continue;
         }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in pending.into_iter().flat_map(PendingFields::iter) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -1038,7 +1050,10 @@ mod tests {
         let (mut head, body) = req.into_parts();
         let mut body = Some(body);
         // Not kept (`keep_head` false): a request that never left is whole all the same.
-        match conn.send_parts(&pool, &mut head, &mut body, false).await {
+        match conn
+            .send_parts(&pool, &mut head, &mut None, &mut body, false)
+            .await
+        {
             Err(SendError::NotSent(err)) => {
                 assert_eq!(head.uri, "/once");
                 assert_eq!(head.headers["x-kept"], "yes");

@@ -26,7 +26,7 @@ use super::conn::{
     ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL, HEAD_REPEATED_CHUNKED, HEAD_UNSUPPORTED_TE,
 };
 use super::error::{MAX_URI_BYTES, ProxyError};
-use super::headers::{self, ClientSide, PeerHeaders};
+use super::headers::{self, ClientSide, PeerHeaders, PendingFields};
 use super::pool::{ConnectError, PoolReturn, SendError, UpstreamBody, UpstreamError};
 use super::{caching, websocket};
 use crate::accesslog;
@@ -331,13 +331,14 @@ pub(super) async fn dispatch<'p>(
         tls: conn.tls,
         forwarding: &config.forwarding,
     };
-    headers::prepare_request(
+    // The forwarding fields wait beside the head until a client writes or inserts them.
+    let mut pending = Some(headers::prepare_request(
         &mut parts.headers,
         client_version,
         authority.as_ref(),
         &client_side,
         upgrade,
-    );
+    ));
     let sent_key = if upgrade {
         parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned()
     } else {
@@ -441,6 +442,7 @@ pub(super) async fn dispatch<'p>(
                 policy,
                 endpoint,
                 &mut parts,
+                &mut pending,
                 &mut attempt_body,
                 keep_head,
                 timeouts.connect,
@@ -835,7 +837,7 @@ fn content_length_of(headers: &http::HeaderMap) -> Option<u64> {
 /// have been closed by the backend before the request could be written.
 const MAX_STALE_CONNECTIONS: usize = 3;
 
-/// Sends the request in `head` and `body` to `endpoint` on a pooled or new connection (see
+/// Sends the request in `head`, `pending` and `body` to `endpoint` on a pooled or new connection (see
 /// [`Conn::send_parts`] for what `keep_head` keeps). A request that provably never left (its
 /// pooled connection was already closed) is resent on another connection, whatever its method.
 /// On failure, `true` says the request never left: it is still whole in `head` and `body`.
@@ -843,6 +845,7 @@ async fn exchange(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
     head: &mut http::request::Parts,
+    pending: &mut Option<PendingFields>,
     body: &mut Option<RequestBody>,
     keep_head: bool,
     connect_timeout: std::time::Duration,
@@ -850,7 +853,7 @@ async fn exchange(
     let overload = &policy.config.overload;
     let mut stale = 0;
     loop {
-        let Some(pending) =
+        let Some(waiting) =
             CountGuard::try_new(&policy.shared.pending, overload.max_pending_requests)
         else {
             return Err((ProxyError::Overloaded("max_pending_requests"), true));
@@ -878,9 +881,12 @@ async fn exchange(
             }
             Err(e) => return Err((classify_connect(&e, connect_timeout), true)),
         };
-        drop(pending);
+        drop(waiting);
         let reused = conn.reused;
-        match conn.send_parts(&endpoint.pool, head, body, keep_head).await {
+        match conn
+            .send_parts(&endpoint.pool, head, pending, body, keep_head)
+            .await
+        {
             Ok(exchanged) => return Ok(exchanged),
             Err(SendError::NotSent(err)) if reused && stale < MAX_STALE_CONNECTIONS => {
                 tracing::debug!(endpoint = %endpoint.authority, %err, "pooled connection was closed; resending");

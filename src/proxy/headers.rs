@@ -260,14 +260,15 @@ pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         .find(|&i| HOP_BY_HOP[i].as_str() == name)
 }
 
-/// Rewrites a request's headers for forwarding.
+/// Rewrites a request's headers for forwarding. The forwarding fields an untrusted client
+/// gets, and `Via`, come back set aside ([`PendingFields`]) rather than in the map.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     version: Version,
     authority: Option<&Authority>,
     client: &ClientSide<'_>,
     upgrade: bool,
-) {
+) -> PendingFields {
     strip_hop_by_hop(headers, upgrade);
     for name in &client.forwarding.remove_request_headers {
         headers.remove(name);
@@ -293,16 +294,35 @@ pub fn prepare_request(
         .iter()
         .any(|net| net.contains(&peer.ip));
     let proto = if client.tls { "https" } else { "http" };
-
-    // X-Forwarded-For: a trusted proxy's chain is extended; anyone else's claim is discarded.
-    let mut chain = None::<String>;
-    if trusted {
-        for value in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(text) = value.to_str() {
-                let chain = chain.get_or_insert_with(|| String::with_capacity(64));
-                chain.push_str(text.trim());
-                chain.push_str(", ");
+    let mut pending = PendingFields {
+        fields: Default::default(),
+        via: via_value(version),
+    };
+    if !trusted {
+        // Whatever an untrusted client claimed goes; the proxy's own values are set aside
+        // rather than inserted (hashed into the map here, only to be iterated out again).
+        if has_forwarding_fields(headers) {
+            for name in PENDING_NAMES {
+                headers.remove(name);
             }
+        }
+        pending.fields = [
+            Some(peer.ip_value.clone()),
+            Some(HeaderValue::from_static(proto)),
+            host,
+            Some(peer.port_value.clone()),
+            forwarded_value(headers, peer, authority, proto, false),
+        ];
+        return pending;
+    }
+
+    // X-Forwarded-For: a trusted proxy's chain is extended.
+    let mut chain = None::<String>;
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(text) = value.to_str() {
+            let chain = chain.get_or_insert_with(|| String::with_capacity(64));
+            chain.push_str(text.trim());
+            chain.push_str(", ");
         }
     }
     match chain {
@@ -314,32 +334,43 @@ pub fn prepare_request(
             headers.insert(&X_FORWARDED_FOR, peer.ip_value.clone());
         }
     }
-
-    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+    if !headers.contains_key(&X_FORWARDED_HOST) {
         // `Host` was set from the authority above: reuse its value instead of copying again.
-        match host {
-            Some(host) => {
-                headers.insert(&X_FORWARDED_HOST, host);
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
+        if let Some(host) = host {
+            headers.insert(&X_FORWARDED_HOST, host);
         }
     }
-    if !(trusted && headers.contains_key(&X_FORWARDED_PORT)) {
+    if !headers.contains_key(&X_FORWARDED_PORT) {
         headers.insert(&X_FORWARDED_PORT, peer.port_value.clone());
     }
+    match forwarded_value(headers, peer, authority, proto, true) {
+        Some(value) => {
+            headers.insert(&FORWARDED, value);
+        }
+        None => {
+            headers.remove(&FORWARDED);
+        }
+    }
+    pending
+}
 
-    // RFC 7239: append our hop to a trusted chain, otherwise start a new one.
-    // Sized for the usual value (a quoted host included) so it is allocated once; `set` keeps
-    // the allocation as the header's bytes.
+/// RFC 7239 `Forwarded`: our hop appended to a trusted chain (`extend`), otherwise alone.
+fn forwarded_value(
+    headers: &HeaderMap,
+    peer: &PeerHeaders,
+    authority: Option<&Authority>,
+    proto: &str,
+    extend: bool,
+) -> Option<HeaderValue> {
+    // Sized for the usual value (a quoted host included) so it is allocated once, and kept as
+    // the header's bytes through a boxed slice (see `set`).
     let mut forwarded = String::with_capacity(
         peer.forwarded_for.len() + authority.map_or(0, |a| a.as_str().len() + 8) + 13,
     );
-    if trusted {
+    if extend {
         for value in headers.get_all(&FORWARDED) {
             if let Ok(text) = value.to_str() {
                 forwarded.push_str(text.trim());
@@ -354,9 +385,65 @@ pub fn prepare_request(
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
-    set(headers, &FORWARDED, forwarded);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(
+        forwarded.into_bytes().into_boxed_slice(),
+    ))
+    .ok()
+}
 
-    append_via(headers, version);
+/// Whether the map holds a field the proxy sets for an untrusted client. One pass over the
+/// names, by length first: there are usually none, and removing an absent name costs a hash.
+fn has_forwarding_fields(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        let name = name.as_str();
+        match name.len() {
+            9 | 15..=17 => PENDING_NAMES.iter().any(|pending| pending.as_str() == name),
+            _ => false,
+        }
+    })
+}
+
+/// Forwarding fields computed for a request but not in its map: the direct client writes them
+/// after the map's own fields, and [`insert_into`](Self::insert_into) puts them in the map for
+/// hyper's clients. Set aside because inserting hashes each name into the map only for it to be
+/// iterated out again; for an untrusted client (the usual case) each of them replaces whatever
+/// the client sent, and the map holds none of those names any more.
+#[derive(Clone, Debug)]
+pub struct PendingFields {
+    /// Values replacing the field of the same name in [`PENDING_NAMES`] (untrusted clients).
+    fields: [Option<HeaderValue>; 5],
+    /// Our `Via` hop, appended after any the request carries.
+    via: HeaderValue,
+}
+
+/// The names of [`PendingFields::fields`], in order.
+static PENDING_NAMES: [&HeaderName; 5] = [
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_PORT,
+    &FORWARDED,
+];
+
+impl PendingFields {
+    /// Each field as it goes on the wire, `Via` last.
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        PENDING_NAMES
+            .iter()
+            .zip(&self.fields)
+            .filter_map(|(name, value)| Some((*name, value.as_ref()?)))
+            .chain(std::iter::once((&header::VIA, &self.via)))
+    }
+
+    /// Puts the fields into `headers`, for a client that sends the map itself.
+    pub fn insert_into(self, headers: &mut HeaderMap) {
+        for (name, value) in PENDING_NAMES.iter().zip(self.fields) {
+            if let Some(value) = value {
+                headers.insert(*name, value);
+            }
+        }
+        headers.append(header::VIA, self.via);
+    }
 }
 
 /// Rewrites a response's headers before it goes back to the client. `stripped`: the map has
@@ -386,13 +473,17 @@ pub fn is_idempotent(method: &Method) -> bool {
 }
 
 fn append_via(headers: &mut HeaderMap, version: Version) {
-    let hop = match version {
+    headers.append(header::VIA, via_value(version));
+}
+
+/// Our `Via` hop for a message received as `version`.
+fn via_value(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
         Version::HTTP_10 => "1.0 breakwater",
         Version::HTTP_2 => "2 breakwater",
         Version::HTTP_3 => "3 breakwater",
         _ => "1.1 breakwater",
-    };
-    headers.append(header::VIA, HeaderValue::from_static(hop));
+    })
 }
 
 /// Sets `name` to `value` without copying it (or removes the header if the value is invalid).
@@ -509,7 +600,8 @@ mod tests {
             Some(&authority),
             &client(&peer("192.0.2.7:5555"), &fwd),
             false,
-        );
+        )
+        .insert_into(&mut h);
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example:8080");
@@ -519,6 +611,54 @@ mod tests {
             "for=192.0.2.7;host=\"shop.example:8080\";proto=http"
         );
         assert_eq!(h["via"], "1.1 breakwater");
+    }
+
+    #[test]
+    fn pending_fields_write_out_what_they_insert_and_replace_spoofed_ones() {
+        let fwd = forwarding(&[]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-port", HeaderValue::from_static("1"));
+        h.insert("via", HeaderValue::from_static("1.0 upstream-proxy"));
+        let authority: Authority = "shop.example".parse().unwrap();
+        h.insert(header::HOST, HeaderValue::from_static("shop.example"));
+        let pending = prepare_request(
+            &mut h,
+            Version::HTTP_11,
+            Some(&authority),
+            &client(&peer("192.0.2.7:5555"), &fwd),
+            false,
+        );
+        // Set aside: the spoofed field is gone from the map and ours are not in it yet.
+        assert!(!h.contains_key("x-forwarded-port"));
+        assert!(!h.contains_key("x-forwarded-for"));
+        let written: Vec<(String, String)> = pending
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        let mut inserted = h.clone();
+        pending.insert_into(&mut inserted);
+        for (name, value) in &written {
+            assert!(
+                inserted.get_all(name).iter().any(|v| v == value.as_str()),
+                "{name}: {value} written but not inserted"
+            );
+        }
+        assert_eq!(
+            written.last().unwrap(),
+            &("via".to_owned(), "1.1 breakwater".to_owned())
+        );
+        assert_eq!(written.len(), 6, "{written:?}");
+        assert_eq!(
+            inserted.get_all("via").iter().collect::<Vec<_>>(),
+            ["1.0 upstream-proxy", "1.1 breakwater"],
+            "our hop is appended after the client's"
+        );
+        assert_eq!(inserted["x-forwarded-port"], "8080");
+        assert_eq!(
+            inserted.len(),
+            written.len() + 2,
+            "host and the client's via besides"
+        );
     }
 
     #[test]
@@ -534,7 +674,8 @@ mod tests {
             None,
             &client(&peer("10.1.2.3:4000"), &fwd),
             false,
-        );
+        )
+        .insert_into(&mut h);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["forwarded"], "for=203.0.113.9, for=10.1.2.3;proto=http");
@@ -551,7 +692,8 @@ mod tests {
             None,
             &client(&peer("[2001:db8::1]:443"), &fwd),
             false,
-        );
+        )
+        .insert_into(&mut h);
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
         assert_eq!(h["x-forwarded-for"], "2001:db8::1");
     }

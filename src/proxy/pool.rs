@@ -30,6 +30,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::body::RequestBody;
 use super::h1::{H1Body, H1Conn, H1Error, H1SendError};
+use super::headers::PendingFields;
 use super::tls::{TlsError, client_config};
 use crate::config::compile::UpstreamTls;
 use crate::config::spec::UpstreamProtocol;
@@ -419,19 +420,22 @@ impl Conn {
         req: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
         let (mut head, body) = req.into_parts();
-        self.send_parts(pool, &mut head, &mut Some(body), false)
+        self.send_parts(pool, &mut head, &mut None, &mut Some(body), false)
             .await
     }
 
-    /// Sends the request `head` with the body in `body`. The direct client only borrows the
-    /// head, so with `keep_head` it stays intact for another attempt without a copy, and
-    /// without it the header map is taken over for the response's fields. hyper's clients
-    /// take the request whole: the head is copied when `keep_head`, else moved out. A request
-    /// that was not sent ([`SendError::NotSent`]) is left whole in `head` and `body`.
+    /// Sends the request `head`, plus the fields `pending` sets aside, with the body in `body`.
+    /// The direct client only borrows the head and writes `pending` after it, so with
+    /// `keep_head` the head stays intact for another attempt without a copy, and without it the
+    /// header map is taken over for the response's fields. hyper's clients take the request
+    /// whole: the head is copied (with `pending` inserted) when `keep_head`, else moved out
+    /// (taking `pending` into it). A request that was not sent ([`SendError::NotSent`]) is left
+    /// whole in `head`, `pending` and `body`.
     pub async fn send_parts(
         self,
         pool: &Arc<EndpointPool>,
         head: &mut http::request::Parts,
+        pending: &mut Option<PendingFields>,
         body: &mut Option<RequestBody>,
         keep_head: bool,
     ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
@@ -442,14 +446,17 @@ impl Conn {
                     let err = io::Error::new(io::ErrorKind::Unsupported, "streamed request body");
                     return Err(SendError::NotSent(UpstreamError::H1(err.into())));
                 };
-                match conn.send(pool, head, &bytes, !keep_head).await {
+                match conn
+                    .send(pool, head, pending.as_ref(), &bytes, !keep_head)
+                    .await
+                {
                     Ok(resp) => Ok((resp.map(UpstreamBody::H1), None)),
                     Err(H1SendError::NotSent(err)) => Err(SendError::NotSent(err.into())),
                     Err(H1SendError::Failed(err)) => Err(SendError::Failed(err.into())),
                 }
             }
             Sender::H1(mut sender) => {
-                let req = origin_form(take_request(head, body, keep_head)?);
+                let req = origin_form(take_request(head, pending, body, keep_head)?);
                 match sender.try_send_request(req).await {
                     Ok(resp) => Ok((
                         resp.map(UpstreamBody::Hyper),
@@ -468,7 +475,7 @@ impl Conn {
                 }
             }
             Sender::H2(mut sender) => {
-                let req = take_request(head, body, keep_head)?;
+                let req = take_request(head, pending, body, keep_head)?;
                 match sender.try_send_request(req).await {
                     Ok(resp) => Ok((resp.map(UpstreamBody::Hyper), None)),
                     Err(mut err) => Err(unsent_back(
@@ -485,9 +492,10 @@ impl Conn {
 }
 
 /// The request for hyper's clients, which take it whole: the head copied when `keep_head`,
-/// else moved out of `head`.
+/// else moved out of `head`, with the `pending` fields in its map either way.
 fn take_request(
     head: &mut http::request::Parts,
+    pending: &mut Option<PendingFields>,
     body: &mut Option<RequestBody>,
     keep_head: bool,
 ) -> Result<Request<RequestBody>, SendError> {
@@ -496,9 +504,18 @@ fn take_request(
         return Err(SendError::NotSent(UpstreamError::H1(err.into())));
     };
     let head = if keep_head {
-        copy_head(head)
+        let mut copy = copy_head(head);
+        if let Some(pending) = pending {
+            pending.clone().insert_into(&mut copy.headers);
+        }
+        copy
     } else {
-        std::mem::replace(head, Request::new(()).into_parts().0)
+        // The moved head carries the fields from now on, also if it comes back unsent.
+        let mut moved = std::mem::replace(head, Request::new(()).into_parts().0);
+        if let Some(pending) = pending.take() {
+            pending.insert_into(&mut moved.headers);
+        }
+        moved
     };
     Ok(Request::from_parts(head, body))
 }
