@@ -95,6 +95,48 @@ fn return_buffer(mut buffer: Vec<u8>) {
     });
 }
 
+/// Header maps kept per thread for reuse, at most this many...
+const MAX_SPARE_MAPS: usize = 64;
+/// ...each with room for at most this many fields (a map grown by a large head is freed).
+const MAX_SPARE_MAP_FIELDS: usize = 64;
+
+thread_local! {
+    /// Header maps of responses already written, cleared, lent to the next request head parsed
+    /// on this thread. With the direct client the request's map carries the response's fields
+    /// back, so a request usually allocates no map at all; idle connections hold none.
+    static SPARE_MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `fields`: a spare one from this thread, or a new one.
+fn borrow_header_map(fields: usize) -> HeaderMap {
+    let spare = SPARE_MAPS
+        .try_with(|spares| spares.borrow_mut().pop())
+        .ok()
+        .flatten();
+    match spare {
+        Some(mut map) => {
+            map.reserve(fields);
+            map
+        }
+        None => HeaderMap::with_capacity(fields),
+    }
+}
+
+/// Clears `map` and keeps it for a later request on this thread (or frees it when the spares
+/// are full or it grew large).
+fn return_header_map(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > MAX_SPARE_MAP_FIELDS {
+        return;
+    }
+    map.clear();
+    let _ = SPARE_MAPS.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < MAX_SPARE_MAPS {
+            spares.push(map);
+        }
+    });
+}
+
 /// What a connection may do on this path.
 #[derive(Clone, Copy, Debug)]
 pub struct DirectLimits {
@@ -437,7 +479,7 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
         return Some(Parsed::Invalid);
     };
     // Room for the forwarding headers the proxy adds, so the map is not grown per request.
-    let mut headers = HeaderMap::with_capacity(field_count + ADDED_REQUEST_HEADERS);
+    let mut headers = borrow_header_map(field_count + ADDED_REQUEST_HEADERS);
     for &[name_start, name_end, value_start, value_end] in &fields[..field_count] {
         // httparse has checked names are tokens and values hold no control bytes, so these
         // conversions agree with it; a disagreement is still answered, never unwrapped.
@@ -477,7 +519,7 @@ async fn write_response<B>(
 where
     B: Body<Data = Bytes>,
 {
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     let status = parts.status;
     let bodiless = is_head
         || status.is_informational()
@@ -496,6 +538,8 @@ where
     // Enough for the usual head, so it is not grown field by field.
     out.reserve(256 + 64 * parts.headers.len());
     let close = encode_head(out, status, &parts.headers, framing, close);
+    // Written out: the map (and the upstream head its values point into) is done with.
+    return_header_map(std::mem::take(&mut parts.headers));
     let mut body = pin!(body);
     let expected = match framing {
         Framing::None => {
@@ -821,6 +865,32 @@ mod tests {
             borrow_buffer().capacity(),
             0,
             "no spares left: a new, unallocated buffer"
+        );
+    }
+
+    #[test]
+    fn spare_header_maps_are_bounded_and_lent_empty() {
+        let filled = || {
+            let mut map = HeaderMap::with_capacity(8);
+            map.insert(header::SERVER, HeaderValue::from_static("backend"));
+            map.append(header::VIA, HeaderValue::from_static("1.1 breakwater"));
+            map
+        };
+        for _ in 0..MAX_SPARE_MAPS + 10 {
+            return_header_map(filled());
+        }
+        return_header_map(HeaderMap::with_capacity(MAX_SPARE_MAP_FIELDS * 4));
+        assert_eq!(SPARE_MAPS.with_borrow(Vec::len), MAX_SPARE_MAPS);
+        for _ in 0..MAX_SPARE_MAPS {
+            let map = borrow_header_map(20);
+            assert!(map.is_empty(), "a lent map starts empty: {map:?}");
+            assert!(map.capacity() >= 20, "room for the fields asked for");
+            assert!(map.capacity() <= MAX_SPARE_MAP_FIELDS * 2);
+        }
+        assert!(SPARE_MAPS.with_borrow(Vec::is_empty));
+        assert!(
+            borrow_header_map(4).capacity() >= 4,
+            "no spares left: a new map"
         );
     }
 
