@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let upgrade = headers::is_upgrade_request(&req);
     let version = req.version();
-    headers::prepare_request(req.headers_mut(), version, authority.as_ref(), &client, upgrade);
-    headers::prepare_response(req.headers_mut(), version, &forwarding, upgrade);
+    headers::prepare_request(req.headers_mut(), version, authority.as_ref(), &client, upgrade)
+        .insert_into(req.headers_mut());
+    headers::prepare_response(req.headers_mut(), version, &forwarding, upgrade, false);
 });
