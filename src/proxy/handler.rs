@@ -206,7 +206,7 @@ async fn forward<'p>(
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
         return fail(ProxyError::UriTooLong, None, 0);
     }
-    let authority = match headers::request_authority(&req) {
+    let authority = match headers::request_authority_for(&req, &conn.peer_headers) {
         Ok(a) => a,
         Err(e) => return fail(e, None, 0),
     };

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
@@ -10,6 +11,7 @@ use http::{Method, Request, Version};
 
 use super::error::ProxyError;
 use crate::config::compile::Forwarding;
+use crate::sync::lock;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
 /// proxy-specific ones no backend should see.
@@ -49,7 +51,7 @@ pub struct ClientSide<'a> {
 
 /// Forwarding-header values that depend only on the client connection, built once per
 /// connection so requests clone them instead of formatting and allocating.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct PeerHeaders {
     /// The peer address (IPv4-mapped IPv6 shown as IPv4).
     pub ip: IpAddr,
@@ -59,6 +61,17 @@ pub struct PeerHeaders {
     port_value: HeaderValue,
     /// `for=<ip>` as RFC 7239 writes it.
     forwarded_for: String,
+    /// The last `Host` the connection's requests named, validated, with the `Forwarded` value
+    /// for it: a client names the same host on every request of a connection, so parsing and
+    /// formatting are done once per connection rather than per request.
+    host_cache: Mutex<Option<CachedHost>>,
+}
+
+#[derive(Debug)]
+struct CachedHost {
+    authority: Authority,
+    /// `Forwarded` for an untrusted client of this authority, once one was built.
+    forwarded: Option<HeaderValue>,
 }
 
 impl PeerHeaders {
@@ -75,6 +88,7 @@ impl PeerHeaders {
                 .unwrap_or(HeaderValue::from_static("unknown")),
             port_value: HeaderValue::from(local_port),
             forwarded_for,
+            host_cache: Mutex::new(None),
         }
     }
 }
@@ -85,10 +99,35 @@ impl PeerHeaders {
 /// HTTP/1.1, duplicate `Host`, an unparsable `Host`. An absolute-form target wins over `Host`
 /// (RFC 9112 §3.2.2), and `Host` is rewritten to match so the backend sees one answer.
 pub fn request_authority<B>(req: &Request<B>) -> Result<Option<Authority>, ProxyError> {
+    authority_of(req, None)
+}
+
+/// [`request_authority`], remembering the last valid `Host` of `peer`'s connection: the same
+/// value again is not parsed again.
+pub fn request_authority_for<B>(
+    req: &Request<B>,
+    peer: &PeerHeaders,
+) -> Result<Option<Authority>, ProxyError> {
+    authority_of(req, Some(peer))
+}
+
+fn authority_of<B>(
+    req: &Request<B>,
+    peer: Option<&PeerHeaders>,
+) -> Result<Option<Authority>, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("duplicate Host header"));
+    }
+    if let (Some(value), Some(peer), None) = (host, peer, req.uri().authority()) {
+        let cached = lock(&peer.host_cache);
+        if let Some(cached) = cached
+            .as_ref()
+            .filter(|c| c.authority.as_str().as_bytes() == value.as_bytes())
+        {
+            return Ok(Some(cached.authority.clone()));
+        }
     }
     let from_host = match host {
         Some(value) => Some(
@@ -105,6 +144,12 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<Authority>, Proxy
             return Err(ProxyError::BadRequest("userinfo in request target"));
         }
         return Ok(Some(authority.clone()));
+    }
+    if let (Some(authority), Some(peer)) = (&from_host, peer) {
+        *lock(&peer.host_cache) = Some(CachedHost {
+            authority: authority.clone(),
+            forwarded: None,
+        });
     }
     match (req.version(), from_host) {
         (Version::HTTP_11, None) => Err(ProxyError::BadRequest("missing Host header")),
@@ -311,7 +356,7 @@ pub fn prepare_request(
             Some(HeaderValue::from_static(proto)),
             host,
             Some(peer.port_value.clone()),
-            forwarded_value(headers, peer, authority, proto, false),
+            untrusted_forwarded(headers, peer, authority, proto),
         ];
         return pending;
     }
@@ -355,6 +400,30 @@ pub fn prepare_request(
         }
     }
     pending
+}
+
+/// `Forwarded` for an untrusted client: our hop alone, which depends only on the connection
+/// and the authority, so it is kept with the connection's cached `Host` and built once.
+fn untrusted_forwarded(
+    headers: &HeaderMap,
+    peer: &PeerHeaders,
+    authority: Option<&Authority>,
+    proto: &str,
+) -> Option<HeaderValue> {
+    let Some(authority) = authority else {
+        return forwarded_value(headers, peer, None, proto, false);
+    };
+    let mut cached = lock(&peer.host_cache);
+    match cached.as_mut() {
+        // Bytes, not `Authority`'s case-insensitive equality: `host=` repeats what was sent.
+        Some(entry) if entry.authority.as_str() == authority.as_str() => {
+            if entry.forwarded.is_none() {
+                entry.forwarded = forwarded_value(headers, peer, Some(authority), proto, false);
+            }
+            entry.forwarded.clone()
+        }
+        _ => forwarded_value(headers, peer, Some(authority), proto, false),
+    }
 }
 
 /// RFC 7239 `Forwarded`: our hop appended to a trusted chain (`extend`), otherwise alone.
@@ -747,6 +816,74 @@ mod tests {
         h.append("te", HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.get_all("te").iter().count(), 2);
+    }
+
+    #[test]
+    fn a_connections_host_is_parsed_once_and_its_rules_still_hold() {
+        let peer = peer("192.0.2.7:5555");
+        let with_hosts = |hosts: &[&str]| {
+            let mut builder = Request::builder().uri("/");
+            for host in hosts {
+                builder = builder.header("host", *host);
+            }
+            builder.body(()).unwrap()
+        };
+        let first = request_authority_for(&with_hosts(&["Shop.example:8080"]), &peer).unwrap();
+        assert_eq!(first.unwrap().as_str(), "Shop.example:8080");
+        assert!(lock(&peer.host_cache).is_some(), "remembered");
+        let again = request_authority_for(&with_hosts(&["Shop.example:8080"]), &peer).unwrap();
+        assert_eq!(again.unwrap().as_str(), "Shop.example:8080");
+        // The cache never vouches for anything but the very same single value.
+        assert!(matches!(
+            request_authority_for(&with_hosts(&["Shop.example:8080", "x"]), &peer),
+            Err(ProxyError::BadRequest("duplicate Host header"))
+        ));
+        assert!(matches!(
+            request_authority_for(&with_hosts(&["user@shop.example"]), &peer),
+            Err(ProxyError::BadRequest("invalid Host header"))
+        ));
+        let absolute = Request::builder()
+            .uri("http://real.example/x")
+            .header("host", "Shop.example:8080")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            request_authority_for(&absolute, &peer)
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "real.example",
+            "an absolute-form target still wins"
+        );
+        // `Forwarded` is kept per authority as sent, case included.
+        let fwd = forwarding(&[]);
+        let forwarded_for = |host: &str| {
+            let authority: Authority = host.parse().unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            request_authority_for(&with_hosts(&[host]), &peer).unwrap();
+            prepare_request(
+                &mut h,
+                Version::HTTP_11,
+                Some(&authority),
+                &client(&peer, &fwd),
+                false,
+            )
+            .insert_into(&mut h);
+            h["forwarded"].to_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            forwarded_for("a.example"),
+            "for=192.0.2.7;host=a.example;proto=http"
+        );
+        assert_eq!(
+            forwarded_for("a.example"),
+            "for=192.0.2.7;host=a.example;proto=http"
+        );
+        assert_eq!(
+            forwarded_for("A.example"),
+            "for=192.0.2.7;host=A.example;proto=http"
+        );
     }
 
     #[test]
