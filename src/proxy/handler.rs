@@ -76,70 +76,75 @@ pub(super) struct Outcome<'a> {
 }
 
 /// Serves one request.
-pub async fn handle(
+// An `async move` block rather than an `async fn`: an `async fn` moves its arguments into
+// locals, so its future holds each of them twice; the block uses its captures in place.
+#[allow(clippy::manual_async_fn)]
+pub fn handle(
     state: Arc<ProxyState>,
     conn: Arc<ConnContext>,
     req: Request<ClientBody>,
-) -> Response<ResponseBody> {
-    let active = conn.shared.start_request();
-    let seq = conn.shared.requests_started();
-    let started = Instant::now();
-    let policy = {
-        let snapshot = state.snapshot.load();
-        snapshot.policy_for_listener(conn.listener).cloned()
-    };
-    let Some(policy) = policy else {
-        let mut response = ProxyError::Draining.to_response();
-        response.body_mut().hold_active(active);
-        return response;
-    };
-    // The access log needs the request line after the request is gone; copy it only when logged.
-    let logged = accesslog::enabled().then(|| (req.method().clone(), req.uri().clone()));
-    // Overload: a cheap counter shared by the policy's requests across snapshots, held until the
-    // response body has gone out.
-    let Some(slot) = policy
-        .shared
-        .enter(policy.config.overload.max_concurrent_requests)
-    else {
-        let (mut response, _) = reject_overloaded(&policy, "max_concurrent_requests");
-        policy.unrouted_metrics.count(response.status().as_u16());
-        response.body_mut().hold_active(active);
-        return response;
-    };
-    let (mut response, outcome) = forward(&state, &policy, &conn, req, seq).await;
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    let backend_metrics = outcome
-        .endpoint
-        .map_or(&policy.unrouted_metrics, |e| e.metrics.as_ref());
-    backend_metrics.count(status);
-    backend_metrics
-        .request_duration
-        .observe(elapsed.as_secs_f64());
-    if let Some(error) = &outcome.error {
-        policy
-            .metrics
-            .errors
-            .with_label_values(&[policy.label.as_str(), error.cause()])
-            .inc();
+) -> impl std::future::Future<Output = Response<ResponseBody>> {
+    async move {
+        let active = conn.shared.start_request();
+        let seq = conn.shared.requests_started();
+        let started = Instant::now();
+        let policy = {
+            let snapshot = state.snapshot.load();
+            snapshot.policy_for_listener(conn.listener).cloned()
+        };
+        let Some(policy) = policy else {
+            let mut response = ProxyError::Draining.to_response();
+            response.body_mut().hold_active(active);
+            return response;
+        };
+        // The access log needs the request line after the request is gone; copy it only when logged.
+        let logged = accesslog::enabled().then(|| (req.method().clone(), req.uri().clone()));
+        // Overload: a cheap counter shared by the policy's requests across snapshots, held until the
+        // response body has gone out.
+        let Some(slot) = policy
+            .shared
+            .enter(policy.config.overload.max_concurrent_requests)
+        else {
+            let (mut response, _) = reject_overloaded(&policy, "max_concurrent_requests");
+            policy.unrouted_metrics.count(response.status().as_u16());
+            response.body_mut().hold_active(active);
+            return response;
+        };
+        let (mut response, outcome) = forward(&state, &policy, &conn, req, seq).await;
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
+        let backend_metrics = outcome
+            .endpoint
+            .map_or(&policy.unrouted_metrics, |e| e.metrics.as_ref());
+        backend_metrics.count(status);
+        backend_metrics
+            .request_duration
+            .observe(elapsed.as_secs_f64());
+        if let Some(error) = &outcome.error {
+            policy
+                .metrics
+                .errors
+                .with_label_values(&[policy.label.as_str(), error.cause()])
+                .inc();
+        }
+        if let Some((method, uri)) = logged {
+            accesslog::record(&accesslog::Entry {
+                policy: &policy.label,
+                client: &conn.peer_text,
+                method: method.as_str(),
+                path: uri.path(),
+                status,
+                duration: elapsed,
+                endpoint: outcome.endpoint.map_or("-", |e| e.authority.as_str()),
+                attempts: outcome.attempts,
+                error: outcome.error.as_ref().map_or("-", ProxyError::cause),
+            });
+        }
+        let body = response.body_mut();
+        body.hold_active(active);
+        body.hold_slot(slot);
+        response
     }
-    if let Some((method, uri)) = logged {
-        accesslog::record(&accesslog::Entry {
-            policy: &policy.label,
-            client: &conn.peer_text,
-            method: method.as_str(),
-            path: uri.path(),
-            status,
-            duration: elapsed,
-            endpoint: outcome.endpoint.map_or("-", |e| e.authority.as_str()),
-            attempts: outcome.attempts,
-            error: outcome.error.as_ref().map_or("-", ProxyError::cause),
-        });
-    }
-    let body = response.body_mut();
-    body.hold_active(active);
-    body.hold_slot(slot);
-    response
 }
 
 /// An error response and its outcome.
@@ -159,128 +164,134 @@ pub(super) fn fail<'p>(
 }
 
 /// Checks the request against the policy's limits, then answers it from the cache or sends it.
-async fn forward<'p>(
+// An `async move` block rather than an `async fn`: an `async fn` moves its arguments into
+// locals, so its future holds each of them twice; the block uses its captures in place.
+#[allow(clippy::manual_async_fn)]
+fn forward<'p>(
     state: &ProxyState,
     policy: &'p PolicyRuntime,
     conn: &ConnContext,
     mut req: Request<ClientBody>,
     seq: u64,
-) -> (Response<ResponseBody>, Outcome<'p>) {
-    let config = &policy.config;
-    let flags = conn.shared.head_flags(seq);
-    if flags & HEAD_CL_AND_TE != 0 {
-        return fail(
-            ProxyError::BadRequest("both Content-Length and Transfer-Encoding"),
-            None,
-            0,
-        );
-    }
-    if flags & HEAD_DUPLICATE_CL != 0 {
-        return fail(
-            ProxyError::BadRequest("more than one Content-Length"),
-            None,
-            0,
-        );
-    }
-    if flags & HEAD_REPEATED_CHUNKED != 0 {
-        return fail(ProxyError::BadRequest("chunked applied twice"), None, 0);
-    }
-    if flags & HEAD_UNSUPPORTED_TE != 0 {
-        return fail(
-            ProxyError::NotImplemented("transfer coding other than chunked"),
-            None,
-            0,
-        );
-    }
-    if req.method() == http::Method::CONNECT {
-        // A reverse proxy has no tunnel to open; forwarding it would send `CONNECT /`.
-        return fail(ProxyError::NotImplemented("CONNECT"), None, 0);
-    }
-    if req.uri().path() == "*" && req.method() != http::Method::OPTIONS {
-        return fail(
-            ProxyError::BadRequest("asterisk-form target is only for OPTIONS"),
-            None,
-            0,
-        );
-    }
-    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
-        return fail(ProxyError::UriTooLong, None, 0);
-    }
-    let authority = match headers::request_authority_for(&req, &conn.peer_headers) {
-        Ok(a) => a,
-        Err(e) => return fail(e, None, 0),
-    };
-    if let Some(limits) = &policy.rate_limits {
-        let ip = client_ip(
-            conn.peer_headers.ip,
-            req.headers(),
-            &config.forwarding.trusted_proxies,
-        );
-        if let Err(refusal) = limits.check(ip, req.headers()) {
-            policy
-                .metrics
-                .rate_limit_rejected
-                .with_label_values(&[policy.label.as_str(), refusal.scope.as_str()])
-                .inc();
-            if !limits.dry_run {
-                return fail(ProxyError::RateLimited(refusal.headers), None, 0);
+) -> impl std::future::Future<Output = (Response<ResponseBody>, Outcome<'p>)> {
+    async move {
+        let config = &policy.config;
+        let flags = conn.shared.head_flags(seq);
+        if flags & HEAD_CL_AND_TE != 0 {
+            return fail(
+                ProxyError::BadRequest("both Content-Length and Transfer-Encoding"),
+                None,
+                0,
+            );
+        }
+        if flags & HEAD_DUPLICATE_CL != 0 {
+            return fail(
+                ProxyError::BadRequest("more than one Content-Length"),
+                None,
+                0,
+            );
+        }
+        if flags & HEAD_REPEATED_CHUNKED != 0 {
+            return fail(ProxyError::BadRequest("chunked applied twice"), None, 0);
+        }
+        if flags & HEAD_UNSUPPORTED_TE != 0 {
+            return fail(
+                ProxyError::NotImplemented("transfer coding other than chunked"),
+                None,
+                0,
+            );
+        }
+        if req.method() == http::Method::CONNECT {
+            // A reverse proxy has no tunnel to open; forwarding it would send `CONNECT /`.
+            return fail(ProxyError::NotImplemented("CONNECT"), None, 0);
+        }
+        if req.uri().path() == "*" && req.method() != http::Method::OPTIONS {
+            return fail(
+                ProxyError::BadRequest("asterisk-form target is only for OPTIONS"),
+                None,
+                0,
+            );
+        }
+        if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
+            return fail(ProxyError::UriTooLong, None, 0);
+        }
+        let authority = match headers::request_authority_for(&req, &conn.peer_headers) {
+            Ok(a) => a,
+            Err(e) => return fail(e, None, 0),
+        };
+        if let Some(limits) = &policy.rate_limits {
+            let ip = client_ip(
+                conn.peer_headers.ip,
+                req.headers(),
+                &config.forwarding.trusted_proxies,
+            );
+            if let Err(refusal) = limits.check(ip, req.headers()) {
+                policy
+                    .metrics
+                    .rate_limit_rejected
+                    .with_label_values(&[policy.label.as_str(), refusal.scope.as_str()])
+                    .inc();
+                if !limits.dry_run {
+                    return fail(ProxyError::RateLimited(refusal.headers), None, 0);
+                }
             }
         }
-    }
-    let limit = config.limits.max_request_body_bytes;
-    if let Some(length) = content_length_of(req.headers()) {
-        if length > limit {
-            return fail(ProxyError::BodyTooLarge(limit), None, 0);
+        let limit = config.limits.max_request_body_bytes;
+        if let Some(length) = content_length_of(req.headers()) {
+            if length > limit {
+                return fail(ProxyError::BodyTooLarge(limit), None, 0);
+            }
         }
-    }
-    let upgrade = config.websocket.enabled && headers::is_upgrade_request(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let upgrade = config.websocket.enabled && headers::is_upgrade_request(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let (parts, body) = req.into_parts();
-    // What a successful unsafe request must invalidate in the cache afterwards.
-    let mut invalidate = None;
-    if let Some(cache) = &policy.cache {
-        let host = authority.as_ref().map_or("", Authority::as_str);
-        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        if !upgrade && body.is_end_stream() {
-            if let Some(key) = crate::cache::lookup_key(&parts.method, host, path_and_query) {
-                // Boxed: the cache's states would otherwise enlarge every request's future.
-                return Box::pin(caching::serve(
-                    state, policy, conn, cache, key, parts, authority,
-                ))
-                .await;
+        let (parts, body) = req.into_parts();
+        // What a successful unsafe request must invalidate in the cache afterwards.
+        let mut invalidate = None;
+        if let Some(cache) = &policy.cache {
+            let host = authority.as_ref().map_or("", Authority::as_str);
+            let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            if !upgrade && body.is_end_stream() {
+                if let Some(key) = crate::cache::lookup_key(&parts.method, host, path_and_query) {
+                    // Boxed: the cache's states would otherwise enlarge every request's future.
+                    return Box::pin(caching::serve(
+                        state, policy, conn, cache, key, parts, authority,
+                    ))
+                    .await;
+                }
+            }
+            if !parts.method.is_safe() {
+                invalidate = Some((
+                    cache,
+                    parts.method.clone(),
+                    host.to_owned(),
+                    path_and_query.to_owned(),
+                ));
             }
         }
-        if !parts.method.is_safe() {
-            invalidate = Some((
-                cache,
-                parts.method.clone(),
-                host.to_owned(),
-                path_and_query.to_owned(),
-            ));
+        // The body, buffered for retries when small enough (its exact size is its
+        // `Content-Length`, already parsed). Done here rather than in a function of its own: each
+        // nested `async fn` moves the request and its response through one more future.
+        let body = match body {
+            // Read with the head, within the retry and body limits (see `server.rs`).
+            ClientBody::Buffered(data) => AttemptBody::Replayable(data),
+            ClientBody::Streaming(body) => match streaming_body(policy, body, limit, upgrade).await
+            {
+                Ok(body) => body,
+                Err(error) => return fail(error, None, 0),
+            },
+        };
+        // One call site: a second `dispatch(..).await` would give this future a second copy of its
+        // (large) state.
+        let (response, outcome) =
+            dispatch(state, policy, conn, parts, body, authority, client_upgrade).await;
+        if let Some((cache, method, host, path_and_query)) = invalidate {
+            if outcome.error.is_none() && crate::cache::invalidates(&method, response.status()) {
+                cache.cache.invalidate(&host, &path_and_query);
+            }
         }
+        (response, outcome)
     }
-    // The body, buffered for retries when small enough (its exact size is its
-    // `Content-Length`, already parsed). Done here rather than in a function of its own: each
-    // nested `async fn` moves the request and its response through one more future.
-    let body = match body {
-        // Read with the head, within the retry and body limits (see `server.rs`).
-        ClientBody::Buffered(data) => AttemptBody::Replayable(data),
-        ClientBody::Streaming(body) => match streaming_body(policy, body, limit, upgrade).await {
-            Ok(body) => body,
-            Err(error) => return fail(error, None, 0),
-        },
-    };
-    // One call site: a second `dispatch(..).await` would give this future a second copy of its
-    // (large) state.
-    let (response, outcome) =
-        dispatch(state, policy, conn, parts, body, authority, client_upgrade).await;
-    if let Some((cache, method, host, path_and_query)) = invalidate {
-        if outcome.error.is_none() && crate::cache::invalidates(&method, response.status()) {
-            cache.cache.invalidate(&host, &path_and_query);
-        }
-    }
-    (response, outcome)
 }
 
 /// A body streamed by hyper: collected when small enough to keep for retries, else streamed.
@@ -309,7 +320,10 @@ async fn streaming_body(
 }
 
 /// Sends a request through the balancer, breakers and retries; streams the response back.
-pub(super) async fn dispatch<'p>(
+// An `async move` block rather than an `async fn`: an `async fn` moves its arguments into
+// locals, so its future holds each of them twice; the block uses its captures in place.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn dispatch<'p>(
     state: &ProxyState,
     policy: &'p PolicyRuntime,
     conn: &ConnContext,
@@ -317,279 +331,288 @@ pub(super) async fn dispatch<'p>(
     mut body: AttemptBody,
     authority: Option<Authority>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> (Response<ResponseBody>, Outcome<'p>) {
-    let config = &policy.config;
-    let upgrade = client_upgrade.is_some();
-    let client_version = parts.version;
-    let method = parts.method.clone();
-    let retry = &config.retry;
-    // A retry may resend only what it can reproduce: no body, or one small enough to keep.
-    let idempotent =
-        headers::is_idempotent(&method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
-    let client_side = ClientSide {
-        peer: &conn.peer_headers,
-        tls: conn.tls,
-        forwarding: &config.forwarding,
-    };
-    // The forwarding fields wait beside the head until a client writes or inserts them.
-    let mut pending = Some(headers::prepare_request(
-        &mut parts.headers,
-        client_version,
-        authority.as_ref(),
-        &client_side,
-        upgrade,
-    ));
-    let sent_key = if upgrade {
-        parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned()
-    } else {
-        None
-    };
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+) -> impl std::future::Future<Output = (Response<ResponseBody>, Outcome<'p>)> {
+    async move {
+        let config = &policy.config;
+        let upgrade = client_upgrade.is_some();
+        let client_version = parts.version;
+        let method = parts.method.clone();
+        let retry = &config.retry;
+        // A retry may resend only what it can reproduce: no body, or one small enough to keep.
+        let idempotent =
+            headers::is_idempotent(&method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+        let client_side = ClientSide {
+            peer: &conn.peer_headers,
+            tls: conn.tls,
+            forwarding: &config.forwarding,
+        };
+        // The forwarding fields wait beside the head until a client writes or inserts them.
+        let mut pending = Some(headers::prepare_request(
+            &mut parts.headers,
+            client_version,
+            authority.as_ref(),
+            &client_side,
+            upgrade,
+        ));
+        let sent_key = if upgrade {
+            parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned()
+        } else {
+            None
+        };
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
-    let timeouts = &config.timeouts;
-    // One clock read serves the deadline and the first attempt's send time (reads add up at
-    // tens of thousands of requests per second).
-    let started = Instant::now();
-    let deadline = started + timeouts.request;
-    policy.retry_budget.deposit();
-    let mut tried = Tried::default();
-    let mut attempts = 0u32;
-    let mut last_endpoint = None;
-    loop {
-        attempts += 1;
-        let Some((index, permit)) = pick_endpoint(policy, &tried) else {
-            return fail(no_endpoint(policy), last_endpoint, attempts - 1);
-        };
-        tried.push(index);
-        let endpoint = &policy.endpoints[index];
-        last_endpoint = Some(endpoint);
+        let timeouts = &config.timeouts;
+        // One clock read serves the deadline and the first attempt's send time (reads add up at
+        // tens of thousands of requests per second).
+        let started = Instant::now();
+        let deadline = started + timeouts.request;
+        policy.retry_budget.deposit();
+        let mut tried = Tried::default();
+        let mut attempts = 0u32;
+        let mut last_endpoint = None;
+        loop {
+            attempts += 1;
+            let Some((index, permit)) = pick_endpoint(policy, &tried) else {
+                return fail(no_endpoint(policy), last_endpoint, attempts - 1);
+            };
+            tried.push(index);
+            let endpoint = &policy.endpoints[index];
+            last_endpoint = Some(endpoint);
 
-        // The head must outlive the attempt only when a retry may follow a request that *was*
-        // sent; a request that never left comes back whole, head included. The direct client
-        // writes the head from here without taking it; hyper's take a copy only when it is kept.
-        let may_retry = attempts < retry.max_attempts && !upgrade;
-        let keep_head =
-            may_retry && (retry.on_reset || retry.on_timeout || !retry.status_codes.is_empty());
-        parts.uri = if endpoint.pool.is_http2() {
-            // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
-            match Uri::builder()
-                .scheme(if endpoint.pool.is_tls() {
-                    http::uri::Scheme::HTTPS
-                } else {
-                    http::uri::Scheme::HTTP
-                })
-                .authority(endpoint.authority.clone())
-                .path_and_query(path_and_query.clone())
-                .build()
-            {
-                Ok(uri) => uri,
-                Err(_) => return fail(ProxyError::BadRequest("invalid request target"), None, 0),
-            }
-        } else {
-            // HTTP/1.1 to an origin server: origin form (RFC 9112 §3.2.1).
-            Uri::from(path_and_query.clone())
-        };
-        parts.version = if endpoint.pool.is_http2() {
-            // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
-            parts.headers.remove(header::HOST);
-            Version::HTTP_2
-        } else {
-            // `prepare_request` set `Host` from the authority, so only a request without one
-            // (HTTP/1.0 clients may send none) or a later attempt (an HTTP/2 attempt before
-            // this one removed it) can lack it.
-            if (authority.is_none() || attempts > 1) && !parts.headers.contains_key(header::HOST) {
-                let host = authority.as_ref().unwrap_or(&endpoint.authority);
-                if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
-                    parts.headers.insert(header::HOST, value);
-                }
-            }
-            Version::HTTP_11
-        };
-        let Some(attempt_body) = body.take() else {
-            // A streamed body already went out with an earlier attempt: nothing left to resend.
-            return fail(ProxyError::UpstreamReset, last_endpoint, attempts - 1);
-        };
-        let mut attempt_body = Some(attempt_body);
-
-        let now = if attempts == 1 {
-            started
-        } else {
-            Instant::now()
-        };
-        let remaining = if attempts == 1 {
-            timeouts.request
-        } else {
-            deadline.saturating_duration_since(now)
-        };
-        let (attempt_timeout, timeout_error) = if timeouts.per_try < remaining {
-            (
-                timeouts.per_try,
-                ProxyError::PerTryTimeout(timeouts.per_try),
-            )
-        } else {
-            (remaining, ProxyError::RequestTimeout(timeouts.request))
-        };
-        let guard = endpoint.state.start_request();
-        let sent = now;
-        // `timeout_at` from the instant already read: `timeout` would read the clock again.
-        let result = tokio::time::timeout_at(
-            now + attempt_timeout,
-            exchange(
-                policy,
-                endpoint,
-                &mut parts,
-                &mut pending,
-                &mut attempt_body,
-                keep_head,
-                timeouts.connect,
-            ),
-        )
-        .await;
-        let result = match result {
-            Err(_) => Err((timeout_error, false)),
-            Ok(result) => result,
-        };
-        match result {
-            Ok((mut response, pool_return)) => {
-                let received = Instant::now();
-                let rtt = received.saturating_duration_since(sent);
-                endpoint.state.observe_latency_at(rtt, received);
-                if let Some(histogram) = &endpoint.metrics.upstream_duration {
-                    histogram.observe(rtt.as_secs_f64());
-                }
-                let status = response.status().as_u16();
-                let failed = config.circuit_breaker.is_failure_status(status);
-                if failed {
-                    endpoint.state.record_failure("status_5xx");
-                } else {
-                    endpoint.state.record_success();
-                }
-                record_breaker(policy, endpoint, permit, !failed);
-                if may_retry
-                    && retry.status_codes.contains(&status)
-                    && (idempotent || retry.non_idempotent)
-                    && body.can_replay()
+            // The head must outlive the attempt only when a retry may follow a request that *was*
+            // sent; a request that never left comes back whole, head included. The direct client
+            // writes the head from here without taking it; hyper's take a copy only when it is kept.
+            let may_retry = attempts < retry.max_attempts && !upgrade;
+            let keep_head =
+                may_retry && (retry.on_reset || retry.on_timeout || !retry.status_codes.is_empty());
+            parts.uri = if endpoint.pool.is_http2() {
+                // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
+                match Uri::builder()
+                    .scheme(if endpoint.pool.is_tls() {
+                        http::uri::Scheme::HTTPS
+                    } else {
+                        http::uri::Scheme::HTTP
+                    })
+                    .authority(endpoint.authority.clone())
+                    .path_and_query(path_and_query.clone())
+                    .build()
                 {
-                    let hinted = retry_after(&response, retry.honor_retry_after);
-                    if let Some(delay) = retry_delay(policy, attempts, hinted, deadline, "status") {
-                        drop(response);
-                        drop(pool_return);
-                        drop(guard);
-                        tokio::time::sleep(delay).await;
-                        continue;
+                    Ok(uri) => uri,
+                    Err(_) => {
+                        return fail(ProxyError::BadRequest("invalid request target"), None, 0);
                     }
                 }
-                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if let Some(client_upgrade) = client_upgrade {
-                    if switching {
-                        return match websocket::tunnel(
-                            state,
-                            policy,
-                            conn,
-                            client_upgrade,
-                            &mut response,
-                            sent_key.as_ref(),
-                            guard,
-                        ) {
-                            Ok(()) => {
-                                headers::prepare_response(
-                                    response.headers_mut(),
-                                    client_version,
-                                    &config.forwarding,
-                                    true,
-                                    false,
-                                );
-                                let (parts, _) = response.into_parts();
-                                (
-                                    Response::from_parts(parts, ResponseBody::empty()),
-                                    Outcome {
-                                        endpoint: Some(endpoint),
-                                        attempts,
-                                        error: None,
-                                    },
-                                )
-                            }
-                            Err(error) => {
-                                endpoint.state.record_failure(error.cause());
-                                fail(error, Some(endpoint), attempts)
-                            }
-                        };
-                    }
-                } else if switching {
-                    // The client did not ask to switch; a 101 would desynchronise the connection.
-                    endpoint.state.record_failure("upstream_protocol");
-                    return fail(ProxyError::UpstreamProtocol, Some(endpoint), attempts);
-                }
-                let stripped = match response.body() {
-                    UpstreamBody::H1(body) => body.hop_by_hop_stripped(),
-                    UpstreamBody::Hyper(_) => false,
-                };
-                headers::prepare_response(
-                    response.headers_mut(),
-                    client_version,
-                    &config.forwarding,
-                    false,
-                    stripped,
-                );
-                let response = response.map(|body| {
-                    ResponseBody::upstream(body, timeouts.idle, guard, pool_return, received)
-                });
-                return (
-                    response,
-                    Outcome {
-                        endpoint: Some(endpoint),
-                        attempts,
-                        error: None,
-                    },
-                );
-            }
-            Err((error, never_sent)) => {
-                drop(guard);
-                if error.is_endpoint_failure() {
-                    endpoint.state.record_failure(error.cause());
-                    record_breaker(policy, endpoint, permit, false);
-                } else {
-                    // Not the endpoint's fault (client body, overload): no verdict either way.
-                    drop(permit);
-                }
-                if never_sent {
-                    // Nothing reached the backend: head and body (even a streamed one) can go
-                    // elsewhere; the head is still in `parts`.
-                    if let Some(unsent) = attempt_body.take() {
-                        body.give_back(unsent);
+            } else {
+                // HTTP/1.1 to an origin server: origin form (RFC 9112 §3.2.1).
+                Uri::from(path_and_query.clone())
+            };
+            parts.version = if endpoint.pool.is_http2() {
+                // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
+                parts.headers.remove(header::HOST);
+                Version::HTTP_2
+            } else {
+                // `prepare_request` set `Host` from the authority, so only a request without one
+                // (HTTP/1.0 clients may send none) or a later attempt (an HTTP/2 attempt before
+                // this one removed it) can lack it.
+                if (authority.is_none() || attempts > 1)
+                    && !parts.headers.contains_key(header::HOST)
+                {
+                    let host = authority.as_ref().unwrap_or(&endpoint.authority);
+                    if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
+                        parts.headers.insert(header::HOST, value);
                     }
                 }
-                let retryable = attempts < retry.max_attempts
-                    && !upgrade
-                    && match &error {
-                        ProxyError::ConnectRefused
-                        | ProxyError::ConnectFailed
-                        | ProxyError::ConnectTimeout(_) => retry.on_connect_failure,
-                        ProxyError::UpstreamReset | ProxyError::UpstreamProtocol => {
-                            retry.on_reset
-                                && (never_sent
-                                    || (idempotent || retry.non_idempotent) && body.can_replay())
-                        }
-                        ProxyError::PerTryTimeout(_) => {
-                            retry.on_timeout
-                                && (idempotent || retry.non_idempotent)
-                                && body.can_replay()
-                        }
-                        _ => false,
-                    };
-                if retryable {
-                    if let Some(delay) =
-                        retry_delay(policy, attempts, None, deadline, error.cause())
+                Version::HTTP_11
+            };
+            let Some(attempt_body) = body.take() else {
+                // A streamed body already went out with an earlier attempt: nothing left to resend.
+                return fail(ProxyError::UpstreamReset, last_endpoint, attempts - 1);
+            };
+            let mut attempt_body = Some(attempt_body);
+
+            let now = if attempts == 1 {
+                started
+            } else {
+                Instant::now()
+            };
+            let remaining = if attempts == 1 {
+                timeouts.request
+            } else {
+                deadline.saturating_duration_since(now)
+            };
+            let (attempt_timeout, timeout_error) = if timeouts.per_try < remaining {
+                (
+                    timeouts.per_try,
+                    ProxyError::PerTryTimeout(timeouts.per_try),
+                )
+            } else {
+                (remaining, ProxyError::RequestTimeout(timeouts.request))
+            };
+            let guard = endpoint.state.start_request();
+            let sent = now;
+            // `timeout_at` from the instant already read: `timeout` would read the clock again.
+            let result = tokio::time::timeout_at(
+                now + attempt_timeout,
+                exchange(
+                    policy,
+                    endpoint,
+                    &mut parts,
+                    &mut pending,
+                    &mut attempt_body,
+                    keep_head,
+                    timeouts.connect,
+                ),
+            )
+            .await;
+            let result = match result {
+                Err(_) => Err((timeout_error, false)),
+                Ok(result) => result,
+            };
+            match result {
+                Ok((mut response, pool_return)) => {
+                    let received = Instant::now();
+                    let rtt = received.saturating_duration_since(sent);
+                    endpoint.state.observe_latency_at(rtt, received);
+                    if let Some(histogram) = &endpoint.metrics.upstream_duration {
+                        histogram.observe(rtt.as_secs_f64());
+                    }
+                    let status = response.status().as_u16();
+                    let failed = config.circuit_breaker.is_failure_status(status);
+                    if failed {
+                        endpoint.state.record_failure("status_5xx");
+                    } else {
+                        endpoint.state.record_success();
+                    }
+                    record_breaker(policy, endpoint, permit, !failed);
+                    if may_retry
+                        && retry.status_codes.contains(&status)
+                        && (idempotent || retry.non_idempotent)
+                        && body.can_replay()
                     {
-                        tokio::time::sleep(delay).await;
-                        continue;
+                        let hinted = retry_after(&response, retry.honor_retry_after);
+                        if let Some(delay) =
+                            retry_delay(policy, attempts, hinted, deadline, "status")
+                        {
+                            drop(response);
+                            drop(pool_return);
+                            drop(guard);
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
                     }
+                    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    if let Some(client_upgrade) = client_upgrade {
+                        if switching {
+                            return match websocket::tunnel(
+                                state,
+                                policy,
+                                conn,
+                                client_upgrade,
+                                &mut response,
+                                sent_key.as_ref(),
+                                guard,
+                            ) {
+                                Ok(()) => {
+                                    headers::prepare_response(
+                                        response.headers_mut(),
+                                        client_version,
+                                        &config.forwarding,
+                                        true,
+                                        false,
+                                    );
+                                    let (parts, _) = response.into_parts();
+                                    (
+                                        Response::from_parts(parts, ResponseBody::empty()),
+                                        Outcome {
+                                            endpoint: Some(endpoint),
+                                            attempts,
+                                            error: None,
+                                        },
+                                    )
+                                }
+                                Err(error) => {
+                                    endpoint.state.record_failure(error.cause());
+                                    fail(error, Some(endpoint), attempts)
+                                }
+                            };
+                        }
+                    } else if switching {
+                        // The client did not ask to switch; a 101 would desynchronise the connection.
+                        endpoint.state.record_failure("upstream_protocol");
+                        return fail(ProxyError::UpstreamProtocol, Some(endpoint), attempts);
+                    }
+                    let stripped = match response.body() {
+                        UpstreamBody::H1(body) => body.hop_by_hop_stripped(),
+                        UpstreamBody::Hyper(_) => false,
+                    };
+                    headers::prepare_response(
+                        response.headers_mut(),
+                        client_version,
+                        &config.forwarding,
+                        false,
+                        stripped,
+                    );
+                    let response = response.map(|body| {
+                        ResponseBody::upstream(body, timeouts.idle, guard, pool_return, received)
+                    });
+                    return (
+                        response,
+                        Outcome {
+                            endpoint: Some(endpoint),
+                            attempts,
+                            error: None,
+                        },
+                    );
                 }
-                return fail(error, Some(endpoint), attempts);
+                Err((error, never_sent)) => {
+                    drop(guard);
+                    if error.is_endpoint_failure() {
+                        endpoint.state.record_failure(error.cause());
+                        record_breaker(policy, endpoint, permit, false);
+                    } else {
+                        // Not the endpoint's fault (client body, overload): no verdict either way.
+                        drop(permit);
+                    }
+                    if never_sent {
+                        // Nothing reached the backend: head and body (even a streamed one) can go
+                        // elsewhere; the head is still in `parts`.
+                        if let Some(unsent) = attempt_body.take() {
+                            body.give_back(unsent);
+                        }
+                    }
+                    let retryable = attempts < retry.max_attempts
+                        && !upgrade
+                        && match &error {
+                            ProxyError::ConnectRefused
+                            | ProxyError::ConnectFailed
+                            | ProxyError::ConnectTimeout(_) => retry.on_connect_failure,
+                            ProxyError::UpstreamReset | ProxyError::UpstreamProtocol => {
+                                retry.on_reset
+                                    && (never_sent
+                                        || (idempotent || retry.non_idempotent)
+                                            && body.can_replay())
+                            }
+                            ProxyError::PerTryTimeout(_) => {
+                                retry.on_timeout
+                                    && (idempotent || retry.non_idempotent)
+                                    && body.can_replay()
+                            }
+                            _ => false,
+                        };
+                    if retryable {
+                        if let Some(delay) =
+                            retry_delay(policy, attempts, None, deadline, error.cause())
+                        {
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                    }
+                    return fail(error, Some(endpoint), attempts);
+                }
             }
         }
     }
