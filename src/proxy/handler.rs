@@ -454,166 +454,173 @@ pub(super) fn dispatch<'p>(
             };
             let guard = endpoint.state.start_request();
             let sent = now;
-            // `timeout_at` from the instant already read: `timeout` would read the clock again.
-            let result = tokio::time::timeout_at(
-                now + attempt_timeout,
-                exchange(
-                    policy,
-                    endpoint,
-                    &mut parts,
-                    &mut pending,
-                    &mut attempt_body,
-                    keep_head,
-                    timeouts.connect,
-                ),
-            )
-            .await;
-            let result = match result {
-                Err(_) => Err((timeout_error, false)),
-                Ok(result) => result,
-            };
-            match result {
-                Ok((mut response, pool_return)) => {
-                    let received = Instant::now();
-                    let rtt = received.saturating_duration_since(sent);
-                    endpoint.state.observe_latency_at(rtt, received);
-                    if let Some(histogram) = &endpoint.metrics.upstream_duration {
-                        histogram.observe(rtt.as_secs_f64());
-                    }
-                    let status = response.status().as_u16();
-                    let failed = config.circuit_breaker.is_failure_status(status);
-                    if failed {
-                        endpoint.state.record_failure("status_5xx");
-                    } else {
-                        endpoint.state.record_success();
-                    }
-                    record_breaker(policy, endpoint, permit, !failed);
-                    if may_retry
-                        && retry.status_codes.contains(&status)
-                        && (idempotent || retry.non_idempotent)
-                        && body.can_replay()
-                    {
-                        let hinted = retry_after(&response, retry.honor_retry_after);
-                        if let Some(delay) =
-                            retry_delay(policy, attempts, hinted, deadline, "status")
+            // The result lives only inside this block and the backoff is slept after it: a
+            // sleep inside the match kept the result and the response alive in the future's
+            // state, enlarging it for the (common) wait on the exchange too.
+            let delay = 'attempt: {
+                // `timeout_at` from the instant already read: `timeout` would read the clock again.
+                let result = tokio::time::timeout_at(
+                    now + attempt_timeout,
+                    exchange(
+                        policy,
+                        endpoint,
+                        &mut parts,
+                        &mut pending,
+                        &mut attempt_body,
+                        keep_head,
+                        timeouts.connect,
+                    ),
+                )
+                .await
+                .unwrap_or_else(|_| Err((timeout_error, false)));
+                match result {
+                    Ok((mut response, pool_return)) => {
+                        let received = Instant::now();
+                        let rtt = received.saturating_duration_since(sent);
+                        endpoint.state.observe_latency_at(rtt, received);
+                        if let Some(histogram) = &endpoint.metrics.upstream_duration {
+                            histogram.observe(rtt.as_secs_f64());
+                        }
+                        let status = response.status().as_u16();
+                        let failed = config.circuit_breaker.is_failure_status(status);
+                        if failed {
+                            endpoint.state.record_failure("status_5xx");
+                        } else {
+                            endpoint.state.record_success();
+                        }
+                        record_breaker(policy, endpoint, permit, !failed);
+                        if may_retry
+                            && retry.status_codes.contains(&status)
+                            && (idempotent || retry.non_idempotent)
+                            && body.can_replay()
                         {
-                            drop(response);
-                            drop(pool_return);
-                            drop(guard);
-                            tokio::time::sleep(delay).await;
-                            continue;
-                        }
-                    }
-                    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    if let Some(client_upgrade) = client_upgrade {
-                        if switching {
-                            return match websocket::tunnel(
-                                state,
-                                policy,
-                                conn,
-                                client_upgrade,
-                                &mut response,
-                                sent_key.as_ref(),
-                                guard,
-                            ) {
-                                Ok(()) => {
-                                    headers::prepare_response(
-                                        response.headers_mut(),
-                                        client_version,
-                                        &config.forwarding,
-                                        true,
-                                        false,
-                                    );
-                                    let (parts, _) = response.into_parts();
-                                    (
-                                        Response::from_parts(parts, ResponseBody::empty()),
-                                        Outcome {
-                                            endpoint: Some(endpoint),
-                                            attempts,
-                                            error: None,
-                                        },
-                                    )
-                                }
-                                Err(error) => {
-                                    endpoint.state.record_failure(error.cause());
-                                    fail(error, Some(endpoint), attempts)
-                                }
-                            };
-                        }
-                    } else if switching {
-                        // The client did not ask to switch; a 101 would desynchronise the connection.
-                        endpoint.state.record_failure("upstream_protocol");
-                        return fail(ProxyError::UpstreamProtocol, Some(endpoint), attempts);
-                    }
-                    let stripped = match response.body() {
-                        UpstreamBody::H1(body) => body.hop_by_hop_stripped(),
-                        UpstreamBody::Hyper(_) => false,
-                    };
-                    headers::prepare_response(
-                        response.headers_mut(),
-                        client_version,
-                        &config.forwarding,
-                        false,
-                        stripped,
-                    );
-                    let response = response.map(|body| {
-                        ResponseBody::upstream(body, timeouts.idle, guard, pool_return, received)
-                    });
-                    return (
-                        response,
-                        Outcome {
-                            endpoint: Some(endpoint),
-                            attempts,
-                            error: None,
-                        },
-                    );
-                }
-                Err((error, never_sent)) => {
-                    drop(guard);
-                    if error.is_endpoint_failure() {
-                        endpoint.state.record_failure(error.cause());
-                        record_breaker(policy, endpoint, permit, false);
-                    } else {
-                        // Not the endpoint's fault (client body, overload): no verdict either way.
-                        drop(permit);
-                    }
-                    if never_sent {
-                        // Nothing reached the backend: head and body (even a streamed one) can go
-                        // elsewhere; the head is still in `parts`.
-                        if let Some(unsent) = attempt_body.take() {
-                            body.give_back(unsent);
-                        }
-                    }
-                    let retryable = attempts < retry.max_attempts
-                        && !upgrade
-                        && match &error {
-                            ProxyError::ConnectRefused
-                            | ProxyError::ConnectFailed
-                            | ProxyError::ConnectTimeout(_) => retry.on_connect_failure,
-                            ProxyError::UpstreamReset | ProxyError::UpstreamProtocol => {
-                                retry.on_reset
-                                    && (never_sent
-                                        || (idempotent || retry.non_idempotent)
-                                            && body.can_replay())
+                            let hinted = retry_after(&response, retry.honor_retry_after);
+                            if let Some(delay) =
+                                retry_delay(policy, attempts, hinted, deadline, "status")
+                            {
+                                drop(response);
+                                drop(pool_return);
+                                drop(guard);
+                                break 'attempt delay;
                             }
-                            ProxyError::PerTryTimeout(_) => {
-                                retry.on_timeout
-                                    && (idempotent || retry.non_idempotent)
-                                    && body.can_replay()
+                        }
+                        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                        if let Some(client_upgrade) = client_upgrade {
+                            if switching {
+                                return match websocket::tunnel(
+                                    state,
+                                    policy,
+                                    conn,
+                                    client_upgrade,
+                                    &mut response,
+                                    sent_key.as_ref(),
+                                    guard,
+                                ) {
+                                    Ok(()) => {
+                                        headers::prepare_response(
+                                            response.headers_mut(),
+                                            client_version,
+                                            &config.forwarding,
+                                            true,
+                                            false,
+                                        );
+                                        let (parts, _) = response.into_parts();
+                                        (
+                                            Response::from_parts(parts, ResponseBody::empty()),
+                                            Outcome {
+                                                endpoint: Some(endpoint),
+                                                attempts,
+                                                error: None,
+                                            },
+                                        )
+                                    }
+                                    Err(error) => {
+                                        endpoint.state.record_failure(error.cause());
+                                        fail(error, Some(endpoint), attempts)
+                                    }
+                                };
                             }
-                            _ => false,
+                        } else if switching {
+                            // The client did not ask to switch; a 101 would desynchronise the connection.
+                            endpoint.state.record_failure("upstream_protocol");
+                            return fail(ProxyError::UpstreamProtocol, Some(endpoint), attempts);
+                        }
+                        let stripped = match response.body() {
+                            UpstreamBody::H1(body) => body.hop_by_hop_stripped(),
+                            UpstreamBody::Hyper(_) => false,
                         };
-                    if retryable {
-                        if let Some(delay) =
-                            retry_delay(policy, attempts, None, deadline, error.cause())
-                        {
-                            tokio::time::sleep(delay).await;
-                            continue;
-                        }
+                        headers::prepare_response(
+                            response.headers_mut(),
+                            client_version,
+                            &config.forwarding,
+                            false,
+                            stripped,
+                        );
+                        let response = response.map(|body| {
+                            ResponseBody::upstream(
+                                body,
+                                timeouts.idle,
+                                guard,
+                                pool_return,
+                                received,
+                            )
+                        });
+                        return (
+                            response,
+                            Outcome {
+                                endpoint: Some(endpoint),
+                                attempts,
+                                error: None,
+                            },
+                        );
                     }
-                    return fail(error, Some(endpoint), attempts);
+                    Err((error, never_sent)) => {
+                        drop(guard);
+                        if error.is_endpoint_failure() {
+                            endpoint.state.record_failure(error.cause());
+                            record_breaker(policy, endpoint, permit, false);
+                        } else {
+                            // Not the endpoint's fault (client body, overload): no verdict either way.
+                            drop(permit);
+                        }
+                        if never_sent {
+                            // Nothing reached the backend: head and body (even a streamed one) can go
+                            // elsewhere; the head is still in `parts`.
+                            if let Some(unsent) = attempt_body.take() {
+                                body.give_back(unsent);
+                            }
+                        }
+                        let retryable = attempts < retry.max_attempts
+                            && !upgrade
+                            && match &error {
+                                ProxyError::ConnectRefused
+                                | ProxyError::ConnectFailed
+                                | ProxyError::ConnectTimeout(_) => retry.on_connect_failure,
+                                ProxyError::UpstreamReset | ProxyError::UpstreamProtocol => {
+                                    retry.on_reset
+                                        && (never_sent
+                                            || (idempotent || retry.non_idempotent)
+                                                && body.can_replay())
+                                }
+                                ProxyError::PerTryTimeout(_) => {
+                                    retry.on_timeout
+                                        && (idempotent || retry.non_idempotent)
+                                        && body.can_replay()
+                                }
+                                _ => false,
+                            };
+                        if retryable {
+                            if let Some(delay) =
+                                retry_delay(policy, attempts, None, deadline, error.cause())
+                            {
+                                break 'attempt delay;
+                            }
+                        }
+                        return fail(error, Some(endpoint), attempts);
+                    }
                 }
-            }
+            };
+            tokio::time::sleep(delay).await;
         }
     }
 }
