@@ -253,7 +253,7 @@ async fn serve_connection(
             let direct_ctx = ctx(false);
             let direct_state = Arc::clone(&state);
             // Each request's future is boxed: the connection's task then stays small while idle
-            // (the handler's future is ~6.4 KiB).
+            // (the handler's future is about 3 KiB).
             let ended = server::serve(stream, limits, &stop, |req| {
                 Box::pin(handle(
                     Arc::clone(&direct_state),
@@ -303,9 +303,9 @@ async fn serve<IO>(
         .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
     // The request future is boxed per request: hyper keeps a slot the size of the service's
-    // future for the whole life of a connection, and the handler's is ~6.4 KiB. Boxed, an idle
-    // keep-alive connection costs 22.7 KiB instead of 29 KiB (bench/connections.sh, 10,000
-    // connections) for ~1.3% more instructions per request (bench/instructions.sh).
+    // future for the whole life of a connection, and the handler's is about 3 KiB (6.4 KiB when
+    // this was measured: boxed, an idle keep-alive connection cost 22.7 KiB instead of 29 KiB
+    // with bench/connections.sh, 10,000 connections, for ~1.3% more instructions per request).
     let service = service_fn(move |req| {
         let state = Arc::clone(&state);
         let ctx = Arc::clone(&ctx);
