@@ -465,26 +465,14 @@ impl Conn {
                             sender,
                         }),
                     )),
-                    Err(mut err) => Err(unsent_back(
-                        err.take_message(),
-                        err.into_error(),
-                        head,
-                        body,
-                        keep_head,
-                    )),
+                    Err(err) => Err(unsent_back(err, head, body, keep_head)),
                 }
             }
             Sender::H2(mut sender) => {
                 let req = take_request(head, pending, body, keep_head)?;
                 match sender.try_send_request(req).await {
                     Ok(resp) => Ok((resp.map(UpstreamBody::Hyper), None)),
-                    Err(mut err) => Err(unsent_back(
-                        err.take_message(),
-                        err.into_error(),
-                        head,
-                        body,
-                        keep_head,
-                    )),
+                    Err(err) => Err(unsent_back(err, head, body, keep_head)),
                 }
             }
         }
@@ -523,12 +511,13 @@ fn take_request(
 /// The error for a failed hyper exchange; a request hyper hands back unsent goes back where it
 /// came from.
 fn unsent_back(
-    unsent: Option<Request<RequestBody>>,
-    err: hyper::Error,
+    mut failed: hyper::client::conn::TrySendError<Request<RequestBody>>,
     head: &mut http::request::Parts,
     body: &mut Option<RequestBody>,
     keep_head: bool,
 ) -> SendError {
+    let unsent = failed.take_message();
+    let err = failed.into_error();
     match unsent {
         Some(req) => {
             let (unsent_head, unsent_body) = req.into_parts();
