@@ -329,11 +329,8 @@ fn parse_head(
     let mut headers = std::mem::take(spare);
     headers.reserve(fields.len() + 1);
     let mut hop = HopFields::default();
-    for &[name_start, name_end, value_start, value_end] in fields.iter() {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
-            .map_err(|_| H1Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| H1Error::Malformed("invalid header value"))?;
+    for offsets in fields.iter() {
+        let (name, value) = field(&head, offsets)?;
         // Hop-by-hop fields describe this connection only: what framing needs is noted, and
         // they never enter the map the client will see (no insertion now, no removal later).
         match hop_by_hop_index(&name) {
@@ -349,11 +346,8 @@ fn parse_head(
     // (which keeps `Upgrade` for a 101) decides. The map is built again with every field.
     if hop.connection_names_fields || code == 101 {
         headers.clear();
-        for &[name_start, name_end, value_start, value_end] in fields.iter() {
-            let name = HeaderName::from_bytes(&head[name_start..name_end])
-                .map_err(|_| H1Error::Malformed("invalid header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                .map_err(|_| H1Error::Malformed("invalid header value"))?;
+        for offsets in fields.iter() {
+            let (name, value) = field(&head, offsets)?;
             headers.append(name, value);
         }
         hop.stripped = false;
@@ -364,6 +358,16 @@ fn parse_head(
         headers,
         hop,
     }))
+}
+
+/// The field at `offsets` of `head`, its value sharing the head's bytes.
+fn field(head: &Bytes, offsets: &FieldOffsets) -> Result<(HeaderName, HeaderValue), H1Error> {
+    let &[name_start, name_end, value_start, value_end] = offsets;
+    let name = HeaderName::from_bytes(&head[name_start..name_end])
+        .map_err(|_| H1Error::Malformed("invalid header name"))?;
+    let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+        .map_err(|_| H1Error::Malformed("invalid header value"))?;
+    Ok((name, value))
 }
 
 /// What a response's hop-by-hop fields said, noted while they were left out of its map.
