@@ -356,7 +356,7 @@ pub fn prepare_request(
             Some(HeaderValue::from_static(proto)),
             host,
             Some(peer.port_value.clone()),
-            untrusted_forwarded(headers, peer, authority, proto),
+            untrusted_forwarded(peer, authority, proto),
         ];
         return pending;
     }
@@ -391,55 +391,48 @@ pub fn prepare_request(
     if !headers.contains_key(&X_FORWARDED_PORT) {
         headers.insert(&X_FORWARDED_PORT, peer.port_value.clone());
     }
-    match forwarded_value(headers, peer, authority, proto, true) {
-        Some(value) => {
-            headers.insert(&FORWARDED, value);
-        }
-        None => {
-            headers.remove(&FORWARDED);
-        }
-    }
+    let forwarded = forwarded_text(peer, authority, proto, Some(headers));
+    set(headers, &FORWARDED, forwarded);
     pending
 }
 
 /// `Forwarded` for an untrusted client: our hop alone, which depends only on the connection
 /// and the authority, so it is kept with the connection's cached `Host` and built once.
 fn untrusted_forwarded(
-    headers: &HeaderMap,
     peer: &PeerHeaders,
     authority: Option<&Authority>,
     proto: &str,
 ) -> Option<HeaderValue> {
+    let build = |authority| owned_value(forwarded_text(peer, authority, proto, None));
     let Some(authority) = authority else {
-        return forwarded_value(headers, peer, None, proto, false);
+        return build(None);
     };
     let mut cached = lock(&peer.host_cache);
     match cached.as_mut() {
         // Bytes, not `Authority`'s case-insensitive equality: `host=` repeats what was sent.
         Some(entry) if entry.authority.as_str() == authority.as_str() => {
             if entry.forwarded.is_none() {
-                entry.forwarded = forwarded_value(headers, peer, Some(authority), proto, false);
+                entry.forwarded = build(Some(authority));
             }
             entry.forwarded.clone()
         }
-        _ => forwarded_value(headers, peer, Some(authority), proto, false),
+        _ => build(Some(authority)),
     }
 }
 
-/// RFC 7239 `Forwarded`: our hop appended to a trusted chain (`extend`), otherwise alone.
-fn forwarded_value(
-    headers: &HeaderMap,
+/// RFC 7239 `Forwarded`: our hop appended to the chain in `trusted_chain` (a trusted peer's
+/// request), otherwise alone.
+fn forwarded_text(
     peer: &PeerHeaders,
     authority: Option<&Authority>,
     proto: &str,
-    extend: bool,
-) -> Option<HeaderValue> {
-    // Sized for the usual value (a quoted host included) so it is allocated once, and kept as
-    // the header's bytes through a boxed slice (see `set`).
+    trusted_chain: Option<&HeaderMap>,
+) -> String {
+    // Sized for the usual value (a quoted host included) so it is allocated once.
     let mut forwarded = String::with_capacity(
         peer.forwarded_for.len() + authority.map_or(0, |a| a.as_str().len() + 8) + 13,
     );
-    if extend {
+    if let Some(headers) = trusted_chain {
         for value in headers.get_all(&FORWARDED) {
             if let Ok(text) = value.to_str() {
                 forwarded.push_str(text.trim());
@@ -454,10 +447,7 @@ fn forwarded_value(
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(
-        forwarded.into_bytes().into_boxed_slice(),
-    ))
-    .ok()
+    forwarded
 }
 
 /// Whether the map holds a field the proxy sets for an untrusted client. One pass over the
@@ -557,18 +547,22 @@ fn via_value(version: Version) -> HeaderValue {
 
 /// Sets `name` to `value` without copying it (or removes the header if the value is invalid).
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
-    // Through a boxed slice: `Bytes` takes a `Vec` with spare capacity only by allocating a
-    // shared header for it, while trimming the spare capacity of a nearly full allocation is
-    // free in the allocator.
-    let bytes = bytes::Bytes::from(value.into_bytes().into_boxed_slice());
-    match HeaderValue::from_maybe_shared(bytes) {
-        Ok(v) => {
+    match owned_value(value) {
+        Some(v) => {
             headers.insert(name, v);
         }
-        Err(_) => {
+        None => {
             headers.remove(name);
         }
     }
+}
+
+/// `value` as a header value without copying it (`None` if it is not a valid one).
+fn owned_value(value: String) -> Option<HeaderValue> {
+    // Through a boxed slice: `Bytes` takes a `Vec` with spare capacity only by allocating a
+    // shared header for it, while trimming the spare capacity of a nearly full allocation is
+    // free in the allocator.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value.into_bytes().into_boxed_slice())).ok()
 }
 
 /// Appends a `Forwarded` parameter value, quoted when it is not a plain token (RFC 7239 §4).
