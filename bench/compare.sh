@@ -14,7 +14,9 @@
 #   H2_STREAMS      h2load concurrent streams per connection (default 10)
 #   RATE            fixed request rate for the oha latency runs (default: half of nginx's median
 #                   wrk req/s in this run's plain scenario)
-#   BREAKWATER_BIN  use this binary instead of `cargo build --release`
+#   BREAKWATER_BIN  use this binary instead of building one
+#   PGO=0           build with plain `cargo build --release` (default 1: the profile-guided
+#                   build of bench/pgo.sh, which the Dockerfile ships)
 #   NO_INSTALL=1    never run apt-get or cargo install; fail if a required tool is missing
 #                   (a missing oha only skips the fixed-rate rows)
 #   OHA_INSTALL_TIMEOUT  seconds allowed for `cargo install oha` (default 1200)
@@ -37,6 +39,7 @@ SCENARIOS="${SCENARIOS:-plain features c1000 h2}"
 TOOLS_ROOT="${TOOLS_ROOT:-$HOME/.cache/breakwater-tools}"
 LOAD_THREADS=1
 PIN="${PIN:-1}"
+PGO="${PGO:-1}"
 PIN_PROXY=()
 PIN_LOAD=()
 if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
@@ -286,11 +289,18 @@ if [[ -n "${BREAKWATER_BIN:-}" ]]; then
     BIN="$BREAKWATER_BIN"
 else
     command -v cargo >/dev/null 2>&1 || die "cargo not found (set BREAKWATER_BIN)"
-    log "building breakwater (cargo build --release)"
-    (cd "$ROOT" && cargo build --release --bin breakwater) >&2 || die "cargo build --release failed"
-    TD="${CARGO_TARGET_DIR:-target}"
-    [[ "$TD" == /* ]] || TD="$ROOT/$TD"
-    BIN="$TD/release/breakwater"
+    if [[ "$PGO" == 1 ]]; then
+        # The shipped build (see the Dockerfile): profile-guided.
+        log "building breakwater with a profile (bash bench/pgo.sh)"
+        BIN="$(NO_INSTALL="$NO_INSTALL" bash "$SCRIPT_DIR/pgo.sh" | tail -n1)" ||
+            die "bench/pgo.sh failed"
+    else
+        log "building breakwater (cargo build --release)"
+        (cd "$ROOT" && cargo build --release --bin breakwater) >&2 || die "cargo build --release failed"
+        TD="${CARGO_TARGET_DIR:-target}"
+        [[ "$TD" == /* ]] || TD="$ROOT/$TD"
+        BIN="$TD/release/breakwater"
+    fi
 fi
 [[ -x "$BIN" ]] || die "breakwater binary not found or not executable: $BIN"
 BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | head -n1)"

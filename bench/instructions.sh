@@ -7,8 +7,8 @@
 #
 # Usage: bash bench/instructions.sh
 # Env:
-#   BREAKWATER_BIN   binary to measure (default: cargo build --release, then
-#                    ${CARGO_TARGET_DIR:-target}/release/breakwater)
+#   BREAKWATER_BIN   binary to measure (default: the profile-guided build of bench/pgo.sh, the
+#                    one the Dockerfile ships; PGO=0: cargo build --release)
 #   DURATION         seconds of wrk load per proxy, after a 1 s warm-up (default 5)
 #   CONNECTIONS      wrk connections (default 32)
 #   BW_POLICY        breakwater's configuration: plain (default; the same as nginx's), features
@@ -35,8 +35,12 @@ for tool in nginx wrk valgrind callgrind_control callgrind_annotate curl python3
     command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx wrk valgrind curl)" >&2; exit 1; }
 done
 if [[ -z "${BREAKWATER_BIN:-}" ]]; then
-    (cd "$root" && cargo build --release --locked -q)
-    BREAKWATER_BIN="${CARGO_TARGET_DIR:-$root/target}/release/breakwater"
+    if [[ "${PGO:-1}" == 1 ]]; then
+        BREAKWATER_BIN="$(bash "$root/bench/pgo.sh" | tail -n1)"
+    else
+        (cd "$root" && cargo build --release --locked -q)
+        BREAKWATER_BIN="${CARGO_TARGET_DIR:-$root/target}/release/breakwater"
+    fi
 fi
 
 die() { echo "instructions.sh: $*" >&2; exit 1; }
