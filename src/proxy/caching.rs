@@ -289,6 +289,8 @@ async fn send<'p>(
         AttemptBody::Replayable(Bytes::new()),
         authority,
         None,
+        // The fetch's own start: a follower may have waited on its leader before this.
+        Instant::now(),
     )
     .await
 }

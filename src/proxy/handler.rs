@@ -110,7 +110,7 @@ pub fn handle(
             response.body_mut().hold_active(active);
             return response;
         };
-        let (mut response, outcome) = forward(&state, &policy, &conn, req, seq).await;
+        let (mut response, outcome) = forward(&state, &policy, &conn, req, seq, started).await;
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
         let backend_metrics = outcome
@@ -173,6 +173,7 @@ fn forward<'p>(
     conn: &ConnContext,
     mut req: Request<ClientBody>,
     seq: u64,
+    started: Instant,
 ) -> impl std::future::Future<Output = (Response<ResponseBody>, Outcome<'p>)> {
     async move {
         let config = &policy.config;
@@ -283,8 +284,17 @@ fn forward<'p>(
         };
         // One call site: a second `dispatch(..).await` would give this future a second copy of its
         // (large) state.
-        let (response, outcome) =
-            dispatch(state, policy, conn, parts, body, authority, client_upgrade).await;
+        let (response, outcome) = dispatch(
+            state,
+            policy,
+            conn,
+            parts,
+            body,
+            authority,
+            client_upgrade,
+            started,
+        )
+        .await;
         if let Some((cache, method, host, path_and_query)) = invalidate {
             if outcome.error.is_none() && crate::cache::invalidates(&method, response.status()) {
                 cache.cache.invalidate(&host, &path_and_query);
@@ -321,8 +331,10 @@ async fn streaming_body(
 
 /// Sends a request through the balancer, breakers and retries; streams the response back.
 // An `async move` block rather than an `async fn`: an `async fn` moves its arguments into
-// locals, so its future holds each of them twice; the block uses its captures in place.
-#[allow(clippy::manual_async_fn)]
+// locals, so its future holds each of them twice; the block uses its captures in place. The
+// arguments are the request's parts as `forward` has split them: a struct would only be
+// unpacked again at once.
+#[allow(clippy::manual_async_fn, clippy::too_many_arguments)]
 pub(super) fn dispatch<'p>(
     state: &ProxyState,
     policy: &'p PolicyRuntime,
@@ -331,6 +343,7 @@ pub(super) fn dispatch<'p>(
     mut body: AttemptBody,
     authority: Option<Authority>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    started: Instant,
 ) -> impl std::future::Future<Output = (Response<ResponseBody>, Outcome<'p>)> {
     async move {
         let config = &policy.config;
@@ -366,11 +379,11 @@ pub(super) fn dispatch<'p>(
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
         let timeouts = &config.timeouts;
-        // One clock read serves the deadline and the first attempt's send time (reads add up at
-        // tens of thousands of requests per second).
-        let started = Instant::now();
+        // The request's one clock read at its start (in `handle`) serves the deadline, the
+        // retry budget, the pool's idle-age check and the first attempt's send time: a read
+        // costs tens of nanoseconds, more than most of what it would be used for.
         let deadline = started + timeouts.request;
-        policy.retry_budget.deposit();
+        policy.retry_budget.deposit_at(started);
         let mut tried = Tried::default();
         let mut attempts = 0u32;
         let mut last_endpoint = None;
@@ -468,7 +481,7 @@ pub(super) fn dispatch<'p>(
                         &mut pending,
                         &mut attempt_body,
                         keep_head,
-                        timeouts.connect,
+                        now,
                     ),
                 )
                 .await
@@ -488,7 +501,7 @@ pub(super) fn dispatch<'p>(
                         } else {
                             endpoint.state.record_success();
                         }
-                        record_breaker(policy, endpoint, permit, !failed);
+                        record_breaker(policy, endpoint, permit, !failed, received);
                         if may_retry
                             && retry.status_codes.contains(&status)
                             && (idempotent || retry.non_idempotent)
@@ -578,7 +591,7 @@ pub(super) fn dispatch<'p>(
                         drop(guard);
                         if error.is_endpoint_failure() {
                             endpoint.state.record_failure(error.cause());
-                            record_breaker(policy, endpoint, permit, false);
+                            record_breaker(policy, endpoint, permit, false, Instant::now());
                         } else {
                             // Not the endpoint's fault (client body, overload): no verdict either way.
                             drop(permit);
@@ -778,12 +791,14 @@ impl Drop for PermitGuard<'_> {
     }
 }
 
-/// Reports an attempt's verdict to the endpoint's breaker, honouring the ejection cap.
+/// Reports an attempt's verdict, observed at `now`, to the endpoint's breaker, honouring the
+/// ejection cap.
 fn record_breaker(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
     mut permit: PermitGuard<'_>,
     success: bool,
+    now: Instant,
 ) {
     let (Some(cfg), Some(permit)) = (&policy.breaker, permit.permit.take()) else {
         return;
@@ -791,7 +806,7 @@ fn record_breaker(
     let transition = endpoint
         .state
         .breaker()
-        .record(cfg, permit, success, || policy.ejections.try_eject());
+        .record_at(cfg, permit, success, now, || policy.ejections.try_eject());
     if let Some(transition) = transition {
         if transition.to == BreakerState::Closed {
             policy.ejections.restore();
@@ -871,6 +886,7 @@ const MAX_STALE_CONNECTIONS: usize = 3;
 /// [`Conn::send_parts`] for what `keep_head` keeps). A request that provably never left (its
 /// pooled connection was already closed) is resent on another connection, whatever its method.
 /// On failure, `true` says the request never left: it is still whole in `head` and `body`.
+/// `started` is when the attempt began (it ages the pool's idle connections).
 async fn exchange(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
@@ -878,7 +894,7 @@ async fn exchange(
     pending: &mut Option<PendingFields>,
     body: &mut Option<RequestBody>,
     keep_head: bool,
-    connect_timeout: std::time::Duration,
+    started: Instant,
 ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), (ProxyError, bool)> {
     let overload = &policy.config.overload;
     let mut stale = 0;
@@ -902,14 +918,16 @@ async fn exchange(
         };
         let conn = match endpoint
             .pool
-            .checkout_for(&head.headers, current, may_connect)
+            .checkout_for(&head.headers, current, started, may_connect)
             .await
         {
             Ok(conn) => conn,
             Err(ConnectError::ConnectionLimit) => {
                 return Err((ProxyError::Overloaded("max_connections"), true));
             }
-            Err(e) => return Err((classify_connect(&e, connect_timeout), true)),
+            Err(e) => {
+                return Err((classify_connect(&e, policy.config.timeouts.connect), true));
+            }
         };
         drop(waiting);
         let reused = conn.reused;

@@ -220,20 +220,22 @@ impl EndpointPool {
         req: &Request<RequestBody>,
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
-        self.checkout_for(req.headers(), req.body(), may_connect)
+        self.checkout_for(req.headers(), req.body(), Instant::now(), may_connect)
             .await
     }
 
-    /// [`checkout`](Self::checkout) for a request held in parts.
+    /// [`checkout`](Self::checkout) for a request held in parts; `now` (an instant the caller
+    /// has already read) ages the idle connections.
     pub async fn checkout_for(
         self: &Arc<Self>,
         headers: &HeaderMap,
         body: &RequestBody,
+        now: Instant,
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
         let direct = !self.http2 && body.is_in_memory() && !headers.contains_key(header::UPGRADE);
         if direct {
-            if let Some(conn) = self.pop_idle_direct() {
+            if let Some(conn) = self.pop_idle_direct(now) {
                 return Ok(Conn {
                     sender: Sender::Direct(conn),
                     reused: true,
@@ -260,7 +262,7 @@ impl EndpointPool {
                 });
             }
         } else {
-            while let Some(mut sender) = self.pop_idle() {
+            while let Some(mut sender) = self.pop_idle(now) {
                 // `ready` resolves at once for a live idle connection and fails for a closed one.
                 if sender.ready().await.is_ok() {
                     return Ok(Conn {
@@ -276,9 +278,8 @@ impl EndpointPool {
         Box::pin(self.connect()).await
     }
 
-    fn pop_idle_direct(&self) -> Option<Box<H1Conn>> {
+    fn pop_idle_direct(&self, now: Instant) -> Option<Box<H1Conn>> {
         let mut idle = lock(&self.idle_direct);
-        let now = Instant::now();
         while let Some((mut conn, since)) = idle.pop() {
             if now.saturating_duration_since(since) > POOL_IDLE_TIMEOUT {
                 // The stack is ordered by age: everything below is older still.
@@ -300,9 +301,8 @@ impl EndpointPool {
         }
     }
 
-    fn pop_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn pop_idle(&self, now: Instant) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = lock(&self.idle);
-        let now = Instant::now();
         while let Some(entry) = idle.pop() {
             if now.saturating_duration_since(entry.since) > POOL_IDLE_TIMEOUT {
                 // The stack is ordered by age: everything below is older still.

@@ -337,12 +337,28 @@ impl Breaker {
         success: bool,
         may_open: impl FnOnce() -> bool,
     ) -> Option<Transition> {
+        self.record_at(cfg, permit, success, Instant::now(), may_open)
+    }
+
+    /// [`record`](Self::record) for an outcome observed at `now`: the proxy passes the instant
+    /// it already read when the response arrived (a clock read costs more than the rest of a
+    /// successful record).
+    pub fn record_at(
+        &self,
+        cfg: &BreakerConfig,
+        permit: Permit,
+        success: bool,
+        now: Instant,
+        may_open: impl FnOnce() -> bool,
+    ) -> Option<Transition> {
         let phase = self.phase.load(Ordering::Acquire);
         if phase != permit.phase {
             return None;
         }
         match BreakerState::of_phase(phase) {
-            BreakerState::Closed => self.record_closed(cfg, phase, success, may_open),
+            BreakerState::Closed => {
+                self.record_closed(cfg, phase, success, self.nanos_at(now), may_open)
+            }
             BreakerState::HalfOpen if permit.probe => self.record_probe(cfg, phase, success),
             // No permit is ever issued in `Open`.
             _ => None,
@@ -395,9 +411,9 @@ impl Breaker {
         cfg: &BreakerConfig,
         phase: u64,
         success: bool,
+        now: u64,
         may_open: impl FnOnce() -> bool,
     ) -> Option<Transition> {
-        let now = self.now_nanos();
         self.window.record(cfg, now, success);
         if success {
             // Skip the store when already zero: successes are the hot path and a store would
@@ -515,12 +531,12 @@ impl Breaker {
     }
 
     fn now_nanos(&self) -> u64 {
-        u64::try_from(
-            Instant::now()
-                .saturating_duration_since(self.base)
-                .as_nanos(),
-        )
-        .unwrap_or(u64::MAX)
+        self.nanos_at(Instant::now())
+    }
+
+    /// Nanoseconds from the breaker's base to `at` (0 for an instant before it).
+    fn nanos_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
     }
 }
 

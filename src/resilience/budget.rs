@@ -127,7 +127,13 @@ impl RetryBudget {
 
     /// Records one original request (a deposit), earning `ratio` retries for the next `ttl`.
     pub fn deposit(&self) {
-        let bucket = self.current_bucket();
+        self.deposit_at(Instant::now());
+    }
+
+    /// [`deposit`](Self::deposit) for a request that started at `now` (an instant the caller
+    /// has already read).
+    pub fn deposit_at(&self, now: Instant) {
+        let bucket = self.bucket_at(now);
         // A saturated bucket drops the deposit, which can only make the budget stricter.
         let _ = self.slot(bucket).deposits.increment(bucket);
     }
@@ -166,7 +172,12 @@ impl RetryBudget {
 
     /// Index of the bucket `now` falls in, counted from the budget's creation.
     fn current_bucket(&self) -> u64 {
-        let elapsed = Instant::now().saturating_duration_since(self.origin);
+        self.bucket_at(Instant::now())
+    }
+
+    /// Index of the bucket `at` falls in.
+    fn bucket_at(&self, at: Instant) -> u64 {
+        let elapsed = at.saturating_duration_since(self.origin);
         u64::try_from(elapsed.as_nanos() / self.bucket_nanos).unwrap_or(u64::MAX)
     }
 
