@@ -21,7 +21,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
 use super::headers::{
@@ -70,6 +71,9 @@ pub enum H1SendError {
     NotSent(H1Error),
     /// The request (or part of it) was written.
     Failed(H1Error),
+    /// The deadline passed before the response head was complete (the request may have been
+    /// written).
+    TimedOut,
 }
 
 /// One HTTP/1.1 connection to a backend, owned by whoever is using it: the pool while idle, the
@@ -81,6 +85,11 @@ pub struct H1Conn {
     /// Where each header field of the response head being parsed sits in `read`; kept across
     /// requests so parsing allocates and zeroes nothing.
     fields: Vec<FieldOffsets>,
+    /// The deadline of the request in flight, kept from one request to the next: moving a
+    /// registered tokio timer's deadline later only stores it (the wheel re-files the entry
+    /// lazily, when the old deadline comes), where a fresh timer per request takes the wheel's
+    /// lock twice, to insert and to remove, and a handful of atomic operations.
+    timer: Option<Pin<Box<Sleep>>>,
     _open: OpenGuard,
 }
 
@@ -103,7 +112,21 @@ impl H1Conn {
             read: BytesMut::new(),
             write: Vec::new(),
             fields: Vec::new(),
+            timer: None,
             _open: open,
+        }
+    }
+
+    /// Sets the connection's timer to `deadline` (made on first use). It is polled only while
+    /// the socket is not ready, so an exchange that never waits costs no timer work at all.
+    fn arm(&mut self, deadline: Instant) {
+        match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+            }
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
     }
 
@@ -134,7 +157,8 @@ impl H1Conn {
         }
     }
 
-    /// Sends `head` (then the `pending` fields) and `body` and reads the response head. The head is only borrowed, so it
+    /// Sends `head` (then the `pending` fields) and `body` and reads the response head, all
+    /// before `deadline` if one is given. The head is only borrowed, so it
     /// stays with the caller for another attempt without a copy; with `reuse_head_map` its
     /// header map, once written out, is taken over (cleared) for the response's fields instead
     /// of allocating another. The connection travels on inside the response body, which returns
@@ -146,6 +170,7 @@ impl H1Conn {
         pending: Option<&PendingFields>,
         body: &Bytes,
         reuse_head_map: bool,
+        deadline: Option<Instant>,
     ) -> Result<Response<H1Body>, H1SendError> {
         let is_head = head.method == Method::HEAD;
         encode_request(&mut self.write, head, pending, body.len());
@@ -153,21 +178,64 @@ impl H1Conn {
         if !separate_body {
             self.write.extend_from_slice(body);
         }
+        if let Some(deadline) = deadline {
+            self.arm(deadline);
+        }
+        let timed = deadline.is_some();
+        let conn = &mut *self;
         // The first write tells whether anything left: if it fails, the request can go elsewhere.
-        let written = match write_some(&mut self.io, &self.write).await {
-            Ok(n) => n,
-            Err(err) => return Err(H1SendError::NotSent(err.into())),
-        };
+        let mut written = 0;
+        match write_timed(
+            &mut conn.io,
+            timer_if(&mut conn.timer, timed),
+            &conn.write,
+            &mut written,
+            true,
+        )
+        .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(err)) => return Err(H1SendError::NotSent(err.into())),
+            None => return Err(H1SendError::TimedOut),
+        }
         let result = async {
-            self.io.write_all(&self.write[written..]).await?;
-            if separate_body {
-                self.io.write_all(body).await?;
+            let done = write_timed(
+                &mut conn.io,
+                timer_if(&mut conn.timer, timed),
+                &conn.write,
+                &mut written,
+                false,
+            )
+            .await;
+            if separate_body && matches!(done, Some(Ok(()))) {
+                let mut at = 0;
+                return write_timed(
+                    &mut conn.io,
+                    timer_if(&mut conn.timer, timed),
+                    body,
+                    &mut at,
+                    false,
+                )
+                .await;
             }
-            self.io.flush().await?;
-            Ok::<(), H1Error>(())
+            done
         }
         .await;
-        result.map_err(H1SendError::Failed)?;
+        match result {
+            Some(Ok(())) => {}
+            Some(Err(err)) => return Err(H1SendError::Failed(err.into())),
+            None => return Err(H1SendError::TimedOut),
+        }
+        match std::future::poll_fn(|cx| {
+            let flush = Pin::new(&mut conn.io).poll_flush(cx);
+            poll_timed(timer_if(&mut conn.timer, timed), cx, flush)
+        })
+        .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(err)) => return Err(H1SendError::Failed(err.into())),
+            None => return Err(H1SendError::TimedOut),
+        }
         let headers = if reuse_head_map {
             let mut headers = std::mem::take(&mut head.headers);
             headers.clear();
@@ -175,9 +243,7 @@ impl H1Conn {
         } else {
             HeaderMap::new()
         };
-        self.read_response(pool, is_head, headers)
-            .await
-            .map_err(H1SendError::Failed)
+        self.read_response(pool, is_head, headers, timed).await
     }
 
     async fn read_response(
@@ -185,9 +251,12 @@ impl H1Conn {
         pool: &Arc<EndpointPool>,
         is_head: bool,
         mut headers: HeaderMap,
-    ) -> Result<Response<H1Body>, H1Error> {
+        timed: bool,
+    ) -> Result<Response<H1Body>, H1SendError> {
         loop {
-            if let Some(head) = parse_head(&mut self.read, &mut self.fields, &mut headers)? {
+            if let Some(head) = parse_head(&mut self.read, &mut self.fields, &mut headers)
+                .map_err(H1SendError::Failed)?
+            {
                 let status = head.status.as_u16();
                 // Interim responses (100 Continue, 103 Early Hints) are not forwarded; 101 is
                 // final: the connection now speaks another protocol and is never reused.
@@ -196,7 +265,7 @@ impl H1Conn {
                     headers.clear();
                     continue;
                 }
-                let (framing, keep_alive) = framing(&head, is_head)?;
+                let (framing, keep_alive) = framing(&head, is_head).map_err(H1SendError::Failed)?;
                 let mut response = Response::new(());
                 *response.status_mut() = head.status;
                 *response.version_mut() = head.version;
@@ -207,26 +276,77 @@ impl H1Conn {
                 return Ok(response.map(|()| body));
             }
             if self.read.len() >= MAX_HEAD_BYTES {
-                return Err(H1Error::Malformed("response head too large"));
+                return Err(H1SendError::Failed(H1Error::Malformed(
+                    "response head too large",
+                )));
             }
             self.read.reserve(READ_CHUNK);
-            let n = std::future::poll_fn(|cx| {
-                poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+            let conn = &mut *self;
+            let read = std::future::poll_fn(|cx| {
+                let read = poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read);
+                poll_timed(timer_if(&mut conn.timer, timed), cx, read)
             })
-            .await?;
-            if n == 0 {
-                return Err(H1Error::Closed);
+            .await;
+            match read {
+                Some(Ok(0)) => return Err(H1SendError::Failed(H1Error::Closed)),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(H1SendError::Failed(err.into())),
+                None => return Err(H1SendError::TimedOut),
             }
         }
     }
 }
 
-async fn write_some(io: &mut MaybeTls, buf: &[u8]) -> io::Result<usize> {
-    let n = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, buf)).await?;
-    if n == 0 {
-        return Err(io::ErrorKind::WriteZero.into());
+/// `op`'s result, or while it is pending the connection's timer: `None` once the deadline
+/// has passed. The timer is polled only after `op`, so a socket that is ready costs no timer
+/// work.
+fn poll_timed<T>(
+    timer: Option<&mut Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+    op: Poll<T>,
+) -> Poll<Option<T>> {
+    if let Poll::Ready(value) = op {
+        return Poll::Ready(Some(value));
     }
-    Ok(n)
+    match timer {
+        Some(timer) => timer.as_mut().poll(cx).map(|()| None),
+        None => Poll::Pending,
+    }
+}
+
+/// The connection's timer when this exchange has a deadline (an earlier request's timer,
+/// still set to its deadline, must not cut one that has none).
+fn timer_if(timer: &mut Option<Pin<Box<Sleep>>>, timed: bool) -> Option<&mut Pin<Box<Sleep>>> {
+    if timed { timer.as_mut() } else { None }
+}
+
+/// Writes `buf` from `*at` on, advancing `at` (after the first successful write only, with
+/// `once`); `None` once the deadline has passed.
+async fn write_timed(
+    io: &mut MaybeTls,
+    mut timer: Option<&mut Pin<Box<Sleep>>>,
+    buf: &[u8],
+    at: &mut usize,
+    once: bool,
+) -> Option<io::Result<()>> {
+    std::future::poll_fn(|cx| {
+        while *at < buf.len() {
+            let write = Pin::new(&mut *io).poll_write(cx, &buf[*at..]);
+            match ready!(poll_timed(timer.as_deref_mut(), cx, write)) {
+                Some(Ok(0)) => return Poll::Ready(Some(Err(io::ErrorKind::WriteZero.into()))),
+                Some(Ok(n)) => {
+                    *at += n;
+                    if once {
+                        break;
+                    }
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => return Poll::Ready(None),
+            }
+        }
+        Poll::Ready(Some(Ok(())))
+    })
+    .await
 }
 
 /// Writes the request line and header section into `out` (cleared first). The message framing
@@ -1055,7 +1175,7 @@ mod tests {
         let mut body = Some(body);
         // Not kept (`keep_head` false): a request that never left is whole all the same.
         match conn
-            .send_parts(&pool, &mut head, &mut None, &mut body, false)
+            .send_parts(&pool, &mut head, &mut None, &mut body, false, None)
             .await
         {
             Err(SendError::NotSent(err)) => {
@@ -1066,7 +1186,103 @@ mod tests {
                 assert!(!err.is_protocol(), "{err}");
             }
             Err(SendError::Failed(err)) => panic!("reported as possibly sent: {err}"),
+            Err(SendError::TimedOut) => panic!("timed out without a deadline"),
             Ok(_) => panic!("a reset connection answered"),
         }
+    }
+
+    /// Sends a bodiless GET for `path` on a connection from `pool` with `deadline`.
+    async fn get_within(
+        pool: &Arc<EndpointPool>,
+        path: &str,
+        deadline: Instant,
+    ) -> (bool, Result<String, &'static str>) {
+        let req = Request::get(path)
+            .body(RequestBody::full(Bytes::new()))
+            .unwrap();
+        let conn = pool.checkout(&req, || true).await.unwrap();
+        let reused = conn.reused;
+        let (mut head, body) = req.into_parts();
+        let sent = conn
+            .send_parts(
+                pool,
+                &mut head,
+                &mut None,
+                &mut Some(body),
+                false,
+                Some(deadline),
+            )
+            .await;
+        let text = match sent {
+            Ok((response, _)) => Ok(text(response).await),
+            Err(SendError::TimedOut) => Err("timed out"),
+            Err(SendError::NotSent(_) | SendError::Failed(_)) => Err("failed"),
+        };
+        (reused, text)
+    }
+
+    #[tokio::test]
+    async fn the_connections_timer_cuts_a_late_answer_and_serves_the_next_requests() {
+        // `/slow` is answered after 2 s, anything else at once, on connections kept open.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = pool_for(listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        let Ok(n) = socket.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let slow = buf.starts_with(b"GET /slow ");
+                        buf.drain(..end + 4);
+                        if slow {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let far = |secs| Instant::now() + Duration::from_secs(secs);
+        assert_eq!(
+            get_within(&pool, "/a", far(5)).await,
+            (false, Ok("ok".into()))
+        );
+        // The same connection, its timer moved later...
+        assert_eq!(
+            get_within(&pool, "/b", far(10)).await,
+            (true, Ok("ok".into()))
+        );
+        // ...and earlier: a late answer is cut at the deadline, not at the earlier ones.
+        let started = std::time::Instant::now();
+        let cut = get_within(&pool, "/slow", Instant::now() + Duration::from_millis(150)).await;
+        let waited = started.elapsed();
+        assert_eq!(cut, (true, Err("timed out")));
+        assert!(
+            waited >= Duration::from_millis(140) && waited < Duration::from_millis(1500),
+            "cut after {waited:?}"
+        );
+        // The cut connection is gone; a new one (with a timer of its own) carries on.
+        assert_eq!(
+            get_within(&pool, "/c", far(5)).await,
+            (false, Ok("ok".into()))
+        );
+        assert_eq!(
+            get_within(&pool, "/d", far(5)).await,
+            (true, Ok("ok".into()))
+        );
     }
 }

@@ -471,21 +471,20 @@ pub(super) fn dispatch<'p>(
             // sleep inside the match kept the result and the response alive in the future's
             // state, enlarging it for the (common) wait on the exchange too.
             let delay = 'attempt: {
-                // `timeout_at` from the instant already read: `timeout` would read the clock again.
-                let result = tokio::time::timeout_at(
-                    now + attempt_timeout,
-                    exchange(
-                        policy,
-                        endpoint,
-                        &mut parts,
-                        &mut pending,
-                        &mut attempt_body,
-                        keep_head,
-                        now,
-                    ),
+                let result = exchange(
+                    policy,
+                    endpoint,
+                    &mut parts,
+                    &mut pending,
+                    &mut attempt_body,
+                    keep_head,
+                    AttemptDeadline {
+                        started: now,
+                        at: now + attempt_timeout,
+                        error: timeout_error,
+                    },
                 )
-                .await
-                .unwrap_or_else(|_| Err((timeout_error, false)));
+                .await;
                 match result {
                     Ok((mut response, pool_return)) => {
                         let received = Instant::now();
@@ -791,6 +790,14 @@ impl Drop for PermitGuard<'_> {
     }
 }
 
+/// When an attempt started, when it must be over, and what it fails with then (a per-try or
+/// a whole-request timeout).
+struct AttemptDeadline {
+    started: Instant,
+    at: Instant,
+    error: ProxyError,
+}
+
 /// Reports an attempt's verdict, observed at `now`, to the endpoint's breaker, honouring the
 /// ejection cap.
 fn record_breaker(
@@ -886,7 +893,7 @@ const MAX_STALE_CONNECTIONS: usize = 3;
 /// [`Conn::send_parts`] for what `keep_head` keeps). A request that provably never left (its
 /// pooled connection was already closed) is resent on another connection, whatever its method.
 /// On failure, `true` says the request never left: it is still whole in `head` and `body`.
-/// `started` is when the attempt began (it ages the pool's idle connections).
+/// Past `deadline.at` the attempt fails with `deadline.error` (as possibly sent).
 async fn exchange(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
@@ -894,7 +901,7 @@ async fn exchange(
     pending: &mut Option<PendingFields>,
     body: &mut Option<RequestBody>,
     keep_head: bool,
-    started: Instant,
+    deadline: AttemptDeadline,
 ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), (ProxyError, bool)> {
     let overload = &policy.config.overload;
     let mut stale = 0;
@@ -916,23 +923,43 @@ async fn exchange(
             // A streamed body went out with an earlier try and cannot be sent again.
             return Err((ProxyError::UpstreamReset, false));
         };
-        let conn = match endpoint
+        // An idle connection of the direct client needs no future and so no timer; anything
+        // else (hyper's connections, connecting) is waited for within the deadline.
+        let idle = endpoint
             .pool
-            .checkout_for(&head.headers, current, started, may_connect)
-            .await
-        {
-            Ok(conn) => conn,
-            Err(ConnectError::ConnectionLimit) => {
-                return Err((ProxyError::Overloaded("max_connections"), true));
-            }
-            Err(e) => {
-                return Err((classify_connect(&e, policy.config.timeouts.connect), true));
+            .checkout_idle_direct(&head.headers, current, deadline.started);
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let checkout = endpoint.pool.checkout_for(
+                    &head.headers,
+                    current,
+                    deadline.started,
+                    may_connect,
+                );
+                match tokio::time::timeout_at(deadline.at, checkout).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(ConnectError::ConnectionLimit)) => {
+                        return Err((ProxyError::Overloaded("max_connections"), true));
+                    }
+                    Ok(Err(e)) => {
+                        return Err((classify_connect(&e, policy.config.timeouts.connect), true));
+                    }
+                    Err(_) => return Err((deadline.error, false)),
+                }
             }
         };
         drop(waiting);
         let reused = conn.reused;
         match conn
-            .send_parts(&endpoint.pool, head, pending, body, keep_head)
+            .send_parts(
+                &endpoint.pool,
+                head,
+                pending,
+                body,
+                keep_head,
+                Some(deadline.at),
+            )
             .await
         {
             Ok(exchanged) => return Ok(exchanged),
@@ -945,6 +972,7 @@ async fn exchange(
                 tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream exchange failed before sending");
                 return Err((error, true));
             }
+            Err(SendError::TimedOut) => return Err((deadline.error, false)),
             Err(SendError::Failed(err)) => {
                 let error = classify_send(&err);
                 tracing::debug!(endpoint = %endpoint.authority, error = %error, detail = %ErrorChain(&err), "upstream exchange failed");

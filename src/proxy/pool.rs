@@ -82,6 +82,9 @@ pub enum SendError {
     NotSent(UpstreamError),
     /// The request may have reached the backend.
     Failed(UpstreamError),
+    /// The deadline passed before the response head arrived (the request may have reached the
+    /// backend).
+    TimedOut,
 }
 
 /// A failed exchange with a backend, from whichever HTTP client carried it.
@@ -222,6 +225,24 @@ impl EndpointPool {
     ) -> Result<Conn, ConnectError> {
         self.checkout_for(req.headers(), req.body(), Instant::now(), may_connect)
             .await
+    }
+
+    /// An idle connection of the direct client for a request held in parts, if the request
+    /// can take one and one is left: what [`checkout_for`](Self::checkout_for) gives first,
+    /// without a future (so the caller need not set a deadline on it).
+    pub fn checkout_idle_direct(
+        &self,
+        headers: &HeaderMap,
+        body: &RequestBody,
+        now: Instant,
+    ) -> Option<Conn> {
+        if self.http2 || !body.is_in_memory() || headers.contains_key(header::UPGRADE) {
+            return None;
+        }
+        self.pop_idle_direct(now).map(|conn| Conn {
+            sender: Sender::Direct(conn),
+            reused: true,
+        })
     }
 
     /// [`checkout`](Self::checkout) for a request held in parts; `now` (an instant the caller
@@ -420,7 +441,7 @@ impl Conn {
         req: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
         let (mut head, body) = req.into_parts();
-        self.send_parts(pool, &mut head, &mut None, &mut Some(body), false)
+        self.send_parts(pool, &mut head, &mut None, &mut Some(body), false, None)
             .await
     }
 
@@ -438,6 +459,7 @@ impl Conn {
         pending: &mut Option<PendingFields>,
         body: &mut Option<RequestBody>,
         keep_head: bool,
+        deadline: Option<Instant>,
     ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
         match self.sender {
             Sender::Direct(conn) => {
@@ -446,18 +468,23 @@ impl Conn {
                     let err = io::Error::new(io::ErrorKind::Unsupported, "streamed request body");
                     return Err(SendError::NotSent(UpstreamError::H1(err.into())));
                 };
+                // The direct client keeps its timer with the connection (see `H1Conn::arm`).
                 match conn
-                    .send(pool, head, pending.as_ref(), &bytes, !keep_head)
+                    .send(pool, head, pending.as_ref(), &bytes, !keep_head, deadline)
                     .await
                 {
                     Ok(resp) => Ok((resp.map(UpstreamBody::H1), None)),
                     Err(H1SendError::NotSent(err)) => Err(SendError::NotSent(err.into())),
                     Err(H1SendError::Failed(err)) => Err(SendError::Failed(err.into())),
+                    Err(H1SendError::TimedOut) => Err(SendError::TimedOut),
                 }
             }
             Sender::H1(mut sender) => {
                 let req = origin_form(take_request(head, pending, body, keep_head)?);
-                match sender.try_send_request(req).await {
+                let Some(sent) = within(deadline, sender.try_send_request(req)).await else {
+                    return Err(SendError::TimedOut);
+                };
+                match sent {
                     Ok(resp) => Ok((
                         resp.map(UpstreamBody::Hyper),
                         Some(PoolReturn {
@@ -470,12 +497,23 @@ impl Conn {
             }
             Sender::H2(mut sender) => {
                 let req = take_request(head, pending, body, keep_head)?;
-                match sender.try_send_request(req).await {
+                let Some(sent) = within(deadline, sender.try_send_request(req)).await else {
+                    return Err(SendError::TimedOut);
+                };
+                match sent {
                     Ok(resp) => Ok((resp.map(UpstreamBody::Hyper), None)),
                     Err(err) => Err(unsent_back(err, head, body, keep_head)),
                 }
             }
         }
+    }
+}
+
+/// `send`'s output, or `None` if `deadline` passes first.
+async fn within<T>(deadline: Option<Instant>, send: impl Future<Output = T>) -> Option<T> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, send).await.ok(),
+        None => Some(send.await),
     }
 }
 

@@ -423,6 +423,9 @@ async fn exchange(
             Err(SendError::NotSent(err) | SendError::Failed(err)) => {
                 return Err(ProbeFailure::Send(err));
             }
+            // `send` sets no deadline of its own (the probe's timeout wraps it), so this is not
+            // reached; a timeout is what it would mean.
+            Err(SendError::TimedOut) => return Err(ProbeFailure::Timeout(target.config.timeout)),
         }
     }
 }
