@@ -96,12 +96,7 @@ command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if ((${#missing[@]})); then
-    [[ "$NO_INSTALL" == 1 ]] && die "missing: ${missing[*]} (NO_INSTALL=1 set)"
-    command -v apt-get >/dev/null 2>&1 || die "missing: ${missing[*]} and no apt-get to install them"
-    log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
+    install_packages "${missing[@]}"
     NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
     HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 fi
@@ -305,15 +300,7 @@ fi
 [[ -x "$BIN" ]] || die "breakwater binary not found or not executable: $BIN"
 BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | head -n1)"
 
-cat >"$TMP/bw-plain.yaml" <<EOF
-apiVersion: breakwater.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: bench}
-spec:
-  listener: {port: $BW_PORT, address: 127.0.0.1}
-  backends:
-    - {name: app, url: "http://127.0.0.1:$BACKEND_PORT"}
-EOF
+plain_policy "$BW_PORT" "$BACKEND_PORT" >"$TMP/bw-plain.yaml"
 
 features_policy "$BWF_PORT" "$BACKEND_PORT" >"$TMP/bw-features.yaml"
 features_policy "$BWL_PORT" "$BACKEND_PORT" >"$TMP/bw-features-log.yaml"

@@ -92,15 +92,7 @@ EOF
 EOF
 } >"$TMP/proxy.conf"
 if [[ "$BW_POLICY" == plain ]]; then
-    cat >"$TMP/bw.yaml" <<EOF
-apiVersion: breakwater.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: bench}
-spec:
-  listener: {port: $bw, address: 127.0.0.1}
-  backends:
-    - {name: app, url: "http://127.0.0.1:$backend"}
-EOF
+    plain_policy "$bw" "$backend" >"$TMP/bw.yaml"
 else
     features_policy "$bw" "$backend" >"$TMP/bw.yaml"
 fi

@@ -144,6 +144,48 @@ start_nginx() { # $1 = name, $2 = conf file, $3.. = CPU pinning prefix; sets LAS
     STARTED_PIDS+=("$LAST_PID")
 }
 
+# install_packages PACKAGE...: apt-get install them; dies instead with NO_INSTALL=1 or without
+# apt-get. The caller defines `log`.
+install_packages() {
+    [[ "${NO_INSTALL:-0}" == 1 ]] && die "missing: $* (NO_INSTALL=1 set)"
+    command -v apt-get >/dev/null 2>&1 || die "missing: $* and no apt-get to install them"
+    log "installing: $*"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "$@" >/dev/null
+}
+
+# need_nginx_wrk: sets NGINX, installing nginx, wrk, curl and python3 first if any is missing.
+need_nginx_wrk() {
+    NGINX="$(command -v nginx || true)"
+    [[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+    local missing=()
+    [[ -n "$NGINX" ]] || missing+=(nginx)
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    if ((${#missing[@]})); then
+        install_packages "${missing[@]}"
+        NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+    fi
+    [[ -x "$NGINX" ]] || die "nginx not found after install"
+    command -v wrk >/dev/null 2>&1 || die "wrk not found after install"
+}
+
+# plain_policy LISTEN_PORT BACKEND_PORT [NAME]: plain forwarding, one listener and one backend
+# with every other field at its default.
+plain_policy() {
+    cat <<EOF
+apiVersion: breakwater.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: ${3:-bench}}
+spec:
+  listener: {port: $1, address: 127.0.0.1}
+  backends:
+    - {name: app, url: "http://127.0.0.1:$2"}
+EOF
+}
+
 # features_policy LISTEN_PORT BACKEND_PORT: the "all features on" policy of issue #7 (rate
 # limits far above the load, breakers, retries with a budget, health checks), shared by
 # compare.sh and instructions.sh so both measure the same configuration.

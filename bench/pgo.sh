@@ -35,14 +35,6 @@ HOST="$(rustc -vV | sed -n 's/^host: //p')"
 [[ -n "$HOST" ]] || die "cannot read the host triple from rustc -vV"
 RUSTC_LLVM="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
 
-apt_install() {
-    [[ "$NO_INSTALL" == 1 ]] && die "missing: $* (NO_INSTALL=1 set)"
-    command -v apt-get >/dev/null 2>&1 || die "missing: $* and no apt-get to install them"
-    log "installing: $*"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
-
 # llvm-profdata: the one matching rustc (rustup's llvm-tools) is best; a Debian build from
 # LLVM 19 on reads the raw profiles of newer LLVMs too (checked at merge time below).
 find_profdata() {
@@ -70,7 +62,7 @@ if [[ -z "$PROFDATA" ]]; then
         PROFDATA="$(find_profdata)"
     fi
     if [[ -z "$PROFDATA" ]]; then
-        apt_install llvm-19
+        install_packages llvm-19
         PROFDATA="$(find_profdata)"
     fi
 fi
@@ -78,19 +70,7 @@ fi
     die "no llvm-profdata (rustup component add llvm-tools, or apt-get install llvm-19; or set LLVM_PROFDATA)"
 log "llvm-profdata: $PROFDATA (rustc's LLVM: ${RUSTC_LLVM:-unknown})"
 
-NGINX="$(command -v nginx || true)"
-[[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
-missing=()
-[[ -n "$NGINX" ]] || missing+=(nginx)
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v python3 >/dev/null 2>&1 || missing+=(python3)
-if ((${#missing[@]})); then
-    apt_install "${missing[@]}"
-    NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-fi
-[[ -x "$NGINX" ]] || die "nginx not found after install"
-command -v wrk >/dev/null 2>&1 || die "wrk not found after install"
+need_nginx_wrk
 # h2load is optional: without it the HTTP/2 server path is trained less.
 HAVE_H2LOAD=0
 command -v h2load >/dev/null 2>&1 && HAVE_H2LOAD=1
@@ -143,15 +123,7 @@ EOF
 start_nginx backend "$TMP/backend/nginx.conf"
 wait_http "http://127.0.0.1:$BACKEND/" 10 "$LAST_PID" || die "backend nginx did not start"
 
-cat >"$TMP/plain.yaml" <<EOF
-apiVersion: breakwater.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: pgo-plain}
-spec:
-  listener: {port: $PLAIN, address: 127.0.0.1}
-  backends:
-    - {name: app, url: "http://127.0.0.1:$BACKEND"}
-EOF
+plain_policy "$PLAIN" "$BACKEND" pgo-plain >"$TMP/plain.yaml"
 features_policy "$FEAT" "$BACKEND" >"$TMP/features.yaml"
 
 # Each process writes its own profile when it exits (%p: PID).

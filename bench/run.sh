@@ -51,24 +51,7 @@ check_int CONNECTIONS "$CONNECTIONS" 1 1000
 # ---------------------------------------------------------------------------
 # Dependencies
 # ---------------------------------------------------------------------------
-NGINX="$(command -v nginx || true)"
-[[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
-missing=()
-[[ -n "$NGINX" ]] || missing+=(nginx)
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v python3 >/dev/null 2>&1 || missing+=(python3)
-if ((${#missing[@]})); then
-    [[ "$NO_INSTALL" == 1 ]] && die "missing: ${missing[*]} (NO_INSTALL=1 set)"
-    command -v apt-get >/dev/null 2>&1 || die "missing: ${missing[*]} and no apt-get to install them"
-    log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-    NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-fi
-[[ -x "$NGINX" ]] || die "nginx not found after install"
-command -v wrk >/dev/null 2>&1 || die "wrk not found after install"
+need_nginx_wrk
 OHA="$(command -v oha || true)"
 CLK_TCK="$(getconf CLK_TCK)"
 
@@ -208,15 +191,7 @@ if [[ "$ONLY_NGINX" != 1 ]]; then
     [[ -x "$BIN" ]] || die "breakwater binary not found or not executable: $BIN"
     BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | head -n1)"
 
-    cat >"$TMP/bw.yaml" <<EOF
-apiVersion: breakwater.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: bench}
-spec:
-  listener: {port: $BW_PORT, address: 127.0.0.1}
-  backends:
-    - {name: app, url: "http://127.0.0.1:$BACKEND_PORT"}
-EOF
+    plain_policy "$BW_PORT" "$BACKEND_PORT" >"$TMP/bw.yaml"
     RUST_LOG=warn "${PIN_PROXY[@]}" "$BIN" run --config "$TMP/bw.yaml" --admin-addr "127.0.0.1:$ADMIN_PORT" --workers 1 \
         >"$TMP/bw.log" 2>&1 &
     BW_PID=$!
