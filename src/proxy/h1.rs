@@ -182,60 +182,32 @@ impl H1Conn {
             self.arm(deadline);
         }
         let timed = deadline.is_some();
-        let conn = &mut *self;
+        let H1Conn {
+            io, write, timer, ..
+        } = &mut *self;
+        let mut timer = timer_if(timer, timed);
         // The first write tells whether anything left: if it fails, the request can go elsewhere.
         let mut written = 0;
-        match write_timed(
-            &mut conn.io,
-            timer_if(&mut conn.timer, timed),
-            &conn.write,
-            &mut written,
+        step_sent(
+            write_timed(io, timer.as_deref_mut(), write, &mut written, true).await,
             true,
-        )
-        .await
-        {
-            Some(Ok(())) => {}
-            Some(Err(err)) => return Err(H1SendError::NotSent(err.into())),
-            None => return Err(H1SendError::TimedOut),
-        }
-        let result = async {
-            let done = write_timed(
-                &mut conn.io,
-                timer_if(&mut conn.timer, timed),
-                &conn.write,
-                &mut written,
+        )?;
+        step_sent(
+            write_timed(io, timer.as_deref_mut(), write, &mut written, false).await,
+            false,
+        )?;
+        if separate_body {
+            step_sent(
+                write_timed(io, timer.as_deref_mut(), body, &mut 0, false).await,
                 false,
-            )
-            .await;
-            if separate_body && matches!(done, Some(Ok(()))) {
-                let mut at = 0;
-                return write_timed(
-                    &mut conn.io,
-                    timer_if(&mut conn.timer, timed),
-                    body,
-                    &mut at,
-                    false,
-                )
-                .await;
-            }
-            done
+            )?;
         }
-        .await;
-        match result {
-            Some(Ok(())) => {}
-            Some(Err(err)) => return Err(H1SendError::Failed(err.into())),
-            None => return Err(H1SendError::TimedOut),
-        }
-        match std::future::poll_fn(|cx| {
-            let flush = Pin::new(&mut conn.io).poll_flush(cx);
-            poll_timed(timer_if(&mut conn.timer, timed), cx, flush)
+        let flushed = std::future::poll_fn(|cx| {
+            let flush = Pin::new(&mut *io).poll_flush(cx);
+            poll_timed(timer.as_deref_mut(), cx, flush)
         })
-        .await
-        {
-            Some(Ok(())) => {}
-            Some(Err(err)) => return Err(H1SendError::Failed(err.into())),
-            None => return Err(H1SendError::TimedOut),
-        }
+        .await;
+        step_sent(flushed, false)?;
         let headers = if reuse_head_map {
             let mut headers = std::mem::take(&mut head.headers);
             headers.clear();
@@ -311,6 +283,17 @@ fn poll_timed<T>(
     match timer {
         Some(timer) => timer.as_mut().poll(cx).map(|()| None),
         None => Poll::Pending,
+    }
+}
+
+/// A timed write or flush of the request as the exchange's result: a failure is `NotSent`
+/// only on the `first` write, before any byte can have left.
+fn step_sent(step: Option<io::Result<()>>, first: bool) -> Result<(), H1SendError> {
+    match step {
+        Some(Ok(())) => Ok(()),
+        Some(Err(err)) if first => Err(H1SendError::NotSent(err.into())),
+        Some(Err(err)) => Err(H1SendError::Failed(err.into())),
+        None => Err(H1SendError::TimedOut),
     }
 }
 
