@@ -25,6 +25,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
+use std::thread::LocalKey;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -72,13 +73,27 @@ thread_local! {
     static SPARE_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A response buffer from this thread's spares, or a new (unallocated) one.
-fn borrow_buffer() -> Vec<u8> {
-    SPARE_BUFFERS
+/// One item from this thread's `spares`, if any (none while the thread is being torn down).
+fn take_spare<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>) -> Option<T> {
+    spares
         .try_with(|spares| spares.borrow_mut().pop())
         .ok()
         .flatten()
-        .unwrap_or_default()
+}
+
+/// Keeps `item` in this thread's `spares` if they hold fewer than `limit` (else it is freed).
+fn keep_spare<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>, limit: usize, item: T) {
+    let _ = spares.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < limit {
+            spares.push(item);
+        }
+    });
+}
+
+/// A response buffer from this thread's spares, or a new (unallocated) one.
+fn borrow_buffer() -> Vec<u8> {
+    take_spare(&SPARE_BUFFERS).unwrap_or_default()
 }
 
 /// Gives a response buffer back to this thread's spares (or frees it when they are full).
@@ -87,12 +102,7 @@ fn return_buffer(mut buffer: Vec<u8>) {
         return;
     }
     buffer.clear();
-    let _ = SPARE_BUFFERS.try_with(|spares| {
-        let mut spares = spares.borrow_mut();
-        if spares.len() < MAX_SPARE_BUFFERS {
-            spares.push(buffer);
-        }
-    });
+    keep_spare(&SPARE_BUFFERS, MAX_SPARE_BUFFERS, buffer);
 }
 
 /// Header maps kept per thread for reuse, at most this many...
@@ -109,11 +119,7 @@ thread_local! {
 
 /// An empty header map with room for `fields`: a spare one from this thread, or a new one.
 fn borrow_header_map(fields: usize) -> HeaderMap {
-    let spare = SPARE_MAPS
-        .try_with(|spares| spares.borrow_mut().pop())
-        .ok()
-        .flatten();
-    match spare {
+    match take_spare(&SPARE_MAPS) {
         Some(mut map) => {
             map.reserve(fields);
             map
@@ -129,12 +135,7 @@ fn return_header_map(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    let _ = SPARE_MAPS.try_with(|spares| {
-        let mut spares = spares.borrow_mut();
-        if spares.len() < MAX_SPARE_MAPS {
-            spares.push(map);
-        }
-    });
+    keep_spare(&SPARE_MAPS, MAX_SPARE_MAPS, map);
 }
 
 /// What a connection may do on this path.
