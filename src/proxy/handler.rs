@@ -931,7 +931,7 @@ async fn exchange(
         let conn = match idle {
             Some(conn) => conn,
             None => {
-                let checkout = endpoint.pool.checkout_for(
+                let checkout = endpoint.pool.checkout_other(
                     &head.headers,
                     current,
                     deadline.started,

@@ -223,20 +223,29 @@ impl EndpointPool {
         req: &Request<RequestBody>,
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
-        self.checkout_for(req.headers(), req.body(), Instant::now(), may_connect)
+        let now = Instant::now();
+        if let Some(conn) = self.checkout_idle_direct(req.headers(), req.body(), now) {
+            return Ok(conn);
+        }
+        self.checkout_other(req.headers(), req.body(), now, may_connect)
             .await
     }
 
+    /// Whether a request with these headers and body goes to the direct client.
+    fn takes_direct(&self, headers: &HeaderMap, body: &RequestBody) -> bool {
+        !self.http2 && body.is_in_memory() && !headers.contains_key(header::UPGRADE)
+    }
+
     /// An idle connection of the direct client for a request held in parts, if the request
-    /// can take one and one is left: what [`checkout_for`](Self::checkout_for) gives first,
-    /// without a future (so the caller need not set a deadline on it).
+    /// can take one and one is left (`now`, an instant the caller has already read, ages
+    /// them). No future: the caller need not set a deadline on it.
     pub fn checkout_idle_direct(
         &self,
         headers: &HeaderMap,
         body: &RequestBody,
         now: Instant,
     ) -> Option<Conn> {
-        if self.http2 || !body.is_in_memory() || headers.contains_key(header::UPGRADE) {
+        if !self.takes_direct(headers, body) {
             return None;
         }
         self.pop_idle_direct(now).map(|conn| Conn {
@@ -245,23 +254,17 @@ impl EndpointPool {
         })
     }
 
-    /// [`checkout`](Self::checkout) for a request held in parts; `now` (an instant the caller
-    /// has already read) ages the idle connections.
-    pub async fn checkout_for(
+    /// The rest of [`checkout`](Self::checkout), for a request held in parts once
+    /// [`checkout_idle_direct`](Self::checkout_idle_direct) found nothing: a new connection
+    /// of the direct client, or one of hyper's (idle or new).
+    pub async fn checkout_other(
         self: &Arc<Self>,
         headers: &HeaderMap,
         body: &RequestBody,
         now: Instant,
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
-        let direct = !self.http2 && body.is_in_memory() && !headers.contains_key(header::UPGRADE);
-        if direct {
-            if let Some(conn) = self.pop_idle_direct(now) {
-                return Ok(Conn {
-                    sender: Sender::Direct(conn),
-                    reused: true,
-                });
-            }
+        if self.takes_direct(headers, body) {
             if !may_connect() {
                 return Err(ConnectError::ConnectionLimit);
             }
