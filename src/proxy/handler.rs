@@ -226,7 +226,7 @@ fn forward<'p>(
                 req.headers(),
                 &config.forwarding.trusted_proxies,
             );
-            if let Err(refusal) = limits.check_at(ip, req.headers(), started) {
+            if let Err(refusal) = limits.check(ip, req.headers(), started) {
                 policy
                     .metrics
                     .rate_limit_rejected

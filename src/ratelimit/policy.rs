@@ -93,15 +93,11 @@ impl PolicyLimits {
         })
     }
 
-    /// Admits or refuses one request from `client_ip` with `headers`. The per-client limit is
-    /// consulted first so one noisy client cannot spend the global allowance of everyone else.
-    pub fn check(&self, client_ip: IpAddr, headers: &HeaderMap) -> Result<(), Refusal> {
-        self.check_at(client_ip, headers, Instant::now())
-    }
-
-    /// [`check`](Self::check) for a request that arrived at `now` (an instant the caller has
-    /// already read: a clock read costs more than a token bucket's arithmetic).
-    pub fn check_at(
+    /// Admits or refuses one request from `client_ip` with `headers` that arrived at `now` (an
+    /// instant the caller has already read: a clock read costs more than a token bucket's
+    /// arithmetic). The per-client limit is consulted first so one noisy client cannot spend
+    /// the global allowance of everyone else.
+    pub fn check(
         &self,
         client_ip: IpAddr,
         headers: &HeaderMap,
