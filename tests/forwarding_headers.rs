@@ -256,6 +256,124 @@ async fn trusted_peer_chain_is_extended() {
 }
 
 #[tokio::test]
+async fn add_headers_empty_forwards_the_clients_fields_as_sent_and_adds_none() {
+    let backend = Backend::text("ok").await;
+    let proxy = TestProxy::start(&policy(
+        "bare",
+        &[("app", backend.addr)],
+        "  forwarding: {addHeaders: []}\n",
+    ))
+    .await;
+    let answer = send(&http1_client(), spoofing_request(&proxy.url("bare", "/x"))).await;
+    assert_eq!(answer.status, 200, "the request should be forwarded");
+    assert!(
+        answer.headers.get("via").is_none(),
+        "no Via hop should be added to the response: {:?}",
+        answer.headers
+    );
+
+    let seen = backend.last_headers();
+    for (name, sent) in [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-port", "443"),
+        ("forwarded", "for=6.6.6.6"),
+    ] {
+        assert_eq!(
+            header_values(&seen, name),
+            [sent],
+            "{name} should pass through exactly as the client sent it"
+        );
+    }
+    assert!(
+        seen.get("via").is_none(),
+        "no Via hop should be added to the request"
+    );
+
+    // Without client fields, the backend sees none at all.
+    assert_eq!(get(&proxy.url("bare", "/y")).await.status, 200);
+    let seen = backend.last_headers();
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "forwarded",
+        "via",
+    ] {
+        assert!(
+            seen.get(name).is_none(),
+            "{name} should not be added: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn add_headers_subset_replaces_only_the_families_it_names() {
+    let backend = Backend::text("ok").await;
+    let proxy = TestProxy::start(&policy(
+        "xff-only",
+        &[("app", backend.addr)],
+        "  forwarding: {addHeaders: [XForwarded]}\n",
+    ))
+    .await;
+    let port = proxy.addr("xff-only").port();
+    let answer = send(
+        &http1_client(),
+        spoofing_request(&proxy.url("xff-only", "/x")),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "the request should be forwarded");
+    assert!(
+        answer.headers.get("via").is_none(),
+        "Via is not in the list"
+    );
+
+    let seen = backend.last_headers();
+    assert_eq!(
+        header_values(&seen, "x-forwarded-for"),
+        ["127.0.0.1"],
+        "the X-Forwarded family is added, so the untrusted client's value is replaced"
+    );
+    assert_eq!(
+        header(&seen, "x-forwarded-port"),
+        Some(port.to_string().as_str())
+    );
+    assert_eq!(
+        header_values(&seen, "forwarded"),
+        ["for=6.6.6.6"],
+        "Forwarded is not in the list, so it passes through as sent"
+    );
+    assert!(seen.get("via").is_none(), "Via is not in the list");
+
+    // A trusted peer with only Via and Forwarded added: its X-Forwarded-For is not extended.
+    let backend = Backend::text("ok").await;
+    let proxy = TestProxy::start(&policy(
+        "via-fwd",
+        &[("app", backend.addr)],
+        "  forwarding: {trustedProxies: [\"127.0.0.1/32\"], addHeaders: [Via, Forwarded]}\n",
+    ))
+    .await;
+    let authority = proxy.addr("via-fwd").to_string();
+    let answer = send(
+        &http1_client(),
+        spoofing_request(&proxy.url("via-fwd", "/x")),
+    )
+    .await;
+    assert_eq!(header_values(&answer.headers, "via"), ["1.1 breakwater"]);
+    let seen = backend.last_headers();
+    assert_eq!(header_values(&seen, "x-forwarded-for"), ["6.6.6.6"]);
+    assert_eq!(
+        header_values(&seen, "forwarded"),
+        [format!(
+            "for=6.6.6.6, for=127.0.0.1;host=\"{authority}\";proto=http"
+        )]
+    );
+    assert_eq!(header_values(&seen, "via"), ["1.1 breakwater"]);
+}
+
+#[tokio::test]
 async fn hop_by_hop_request_headers_never_reach_the_backend() {
     let backend = Backend::text("ok").await;
     let proxy = TestProxy::start(&policy("hop", &[("app", backend.addr)], "")).await;

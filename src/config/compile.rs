@@ -17,8 +17,8 @@ use super::resilience::{
     self, CircuitBreakerConfig, HealthCheckConfig, OverloadConfig, RateLimitConfig, RetryConfig,
 };
 use super::spec::{
-    API_VERSION, Algorithm, BackendSpec, CacheSpec, KIND, PolicyDocument, PortRef, Quantity,
-    ResiliencePolicySpec, UpstreamProtocol,
+    API_VERSION, Algorithm, BackendSpec, CacheSpec, ForwardingHeader, KIND, PolicyDocument,
+    PortRef, Quantity, ResiliencePolicySpec, UpstreamProtocol,
 };
 use super::units::{format_duration, parse_duration, parse_size};
 
@@ -232,7 +232,7 @@ impl Default for Limits {
 }
 
 /// Forwarding-header policy.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Forwarding {
     /// Peers whose forwarding headers are believed.
@@ -243,6 +243,26 @@ pub struct Forwarding {
     /// Removed from responses.
     #[serde(serialize_with = "serialize_header_names")]
     pub remove_response_headers: Vec<HeaderName>,
+    /// Whether `X-Forwarded-For`/`-Proto`/`-Host`/`-Port` are set on requests.
+    pub add_x_forwarded: bool,
+    /// Whether `Forwarded` is set on requests.
+    pub add_forwarded: bool,
+    /// Whether our `Via` hop is appended to requests and responses.
+    pub add_via: bool,
+}
+
+impl Default for Forwarding {
+    /// No trusted proxies, nothing removed, every forwarding header added.
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            remove_request_headers: Vec::new(),
+            remove_response_headers: Vec::new(),
+            add_x_forwarded: true,
+            add_forwarded: true,
+            add_via: true,
+        }
+    }
 }
 
 /// WebSocket settings.
@@ -842,11 +862,26 @@ fn compile_forwarding(ctx: &mut Ctx<'_>, spec: &ResiliencePolicySpec) -> Forward
     };
     let remove_request_headers = header_list("removeRequestHeaders", &f.remove_request_headers);
     let remove_response_headers = header_list("removeResponseHeaders", &f.remove_response_headers);
-    Forwarding {
+    let mut forwarding = Forwarding {
         trusted_proxies,
         remove_request_headers,
         remove_response_headers,
+        ..Forwarding::default()
+    };
+    if let Some(families) = &f.add_headers {
+        for (i, family) in families.iter().enumerate() {
+            if families[..i].contains(family) {
+                ctx.error(
+                    format!("spec.forwarding.addHeaders[{i}]"),
+                    format!("{family:?} is listed twice"),
+                );
+            }
+        }
+        forwarding.add_x_forwarded = families.contains(&ForwardingHeader::XForwarded);
+        forwarding.add_forwarded = families.contains(&ForwardingHeader::Forwarded);
+        forwarding.add_via = families.contains(&ForwardingHeader::Via);
     }
+    forwarding
 }
 
 fn compile_websocket(ctx: &mut Ctx<'_>, spec: &ResiliencePolicySpec) -> WebSocketConfig {

@@ -143,7 +143,7 @@ mod tests {
     #[test]
     fn every_bad_field_is_reported_with_its_path() {
         let yaml = format!(
-            "{HEAD}metadata: {{name: bad}}\nspec:\n  backends:\n    - {{name: a, url: \"http://127.0.0.1:1\"}}\n    - {{name: b, url: \"ftp://x\"}}\n  timeouts: {{connect: banana, perTry: 20s, request: 10s}}\n  retry: {{maxAttempts: 0, backoff: {{multiplier: 0.5}}}}\n  circuitBreaker: {{failureRatio: 1.5, maxEjectionPercent: 101}}\n  healthCheck: {{path: healthz, expectedStatuses: [\"200-199\"]}}\n  rateLimit: {{perClient: {{requestsPerSecond: 0, key: {{header: \"bad header\"}}}}}}\n  cache: {{enabled: true, maxBytes: 1Ki, maxObjectBytes: 2Ki, staleIfError: soon}}\n"
+            "{HEAD}metadata: {{name: bad}}\nspec:\n  backends:\n    - {{name: a, url: \"http://127.0.0.1:1\"}}\n    - {{name: b, url: \"ftp://x\"}}\n  timeouts: {{connect: banana, perTry: 20s, request: 10s}}\n  retry: {{maxAttempts: 0, backoff: {{multiplier: 0.5}}}}\n  circuitBreaker: {{failureRatio: 1.5, maxEjectionPercent: 101}}\n  healthCheck: {{path: healthz, expectedStatuses: [\"200-199\"]}}\n  rateLimit: {{perClient: {{requestsPerSecond: 0, key: {{header: \"bad header\"}}}}}}\n  cache: {{enabled: true, maxBytes: 1Ki, maxObjectBytes: 2Ki, staleIfError: soon}}\n  forwarding: {{addHeaders: [Via, XForwarded, Via]}}\n"
         );
         let errors = errors_of(&yaml);
         for expected in [
@@ -160,6 +160,7 @@ mod tests {
             "spec.rateLimit.perClient.key.header: invalid header name",
             "spec.cache.maxObjectBytes: 2048 is larger than spec.cache.maxBytes (1024)",
             "spec.cache.staleIfError: invalid duration",
+            "spec.forwarding.addHeaders[2]: Via is listed twice",
         ] {
             assert!(
                 errors.iter().any(|e| e.starts_with(expected)),
@@ -180,6 +181,43 @@ mod tests {
         assert!(
             errors[0].contains("unknown field `backend`"),
             "typos are caught: {errors:?}"
+        );
+        let yaml = format!(
+            "{HEAD}metadata: {{name: family}}\nspec:\n  backends: [{{name: app, url: \"http://127.0.0.1:3000\"}}]\n  forwarding: {{addHeaders: [XForwardedFor]}}\n"
+        );
+        let errors = errors_of(&yaml);
+        assert!(
+            errors[0].contains("spec.forwarding.addHeaders") && errors[0].contains("XForwardedFor"),
+            "an unknown header family names the field and the value: {errors:?}"
+        );
+    }
+
+    #[test]
+    fn add_headers_selects_the_forwarding_families() {
+        let policy = |families: &str| {
+            let yaml = format!(
+                "{HEAD}metadata: {{name: fwd}}\nspec:\n  backends: [{{name: app, url: \"http://127.0.0.1:3000\"}}]\n{families}"
+            );
+            let forwarding = &load_policies(&yaml, "t").unwrap()[0].forwarding;
+            (
+                forwarding.add_x_forwarded,
+                forwarding.add_forwarded,
+                forwarding.add_via,
+            )
+        };
+        assert_eq!(policy(""), (true, true, true), "all three by default");
+        assert_eq!(
+            policy("  forwarding: {trustedProxies: [10.0.0.0/8]}\n"),
+            (true, true, true),
+            "a forwarding block without addHeaders keeps all three"
+        );
+        assert_eq!(
+            policy("  forwarding: {addHeaders: []}\n"),
+            (false, false, false)
+        );
+        assert_eq!(
+            policy("  forwarding: {addHeaders: [Via, Forwarded]}\n"),
+            (false, true, true)
         );
     }
 

@@ -718,4 +718,20 @@ pub struct ForwardingSpec {
     /// Response headers removed before answering.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove_response_headers: Vec<String>,
+    /// The forwarding headers the proxy adds; default all three. A family left out is
+    /// forwarded as the client sent it, neither added nor replaced (so the backend must not
+    /// believe it); `[]` adds none, as nginx and HAProxy do unless configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add_headers: Option<Vec<ForwardingHeader>>,
+}
+
+/// A family of forwarding headers the proxy can add.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
+pub enum ForwardingHeader {
+    /// `X-Forwarded-For`, `-Proto`, `-Host` and `-Port`.
+    XForwarded,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
+    /// `Via`, on requests and on responses.
+    Via,
 }

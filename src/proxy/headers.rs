@@ -332,36 +332,62 @@ pub fn prepare_request(
             }
         }
     }
+    let forwarding = client.forwarding;
+    let mut pending = PendingFields {
+        fields: Default::default(),
+        via: forwarding.add_via.then(|| via_value(version)),
+    };
+    if !forwarding.add_x_forwarded && !forwarding.add_forwarded {
+        return pending;
+    }
     let peer = client.peer;
-    let trusted = client
-        .forwarding
+    let trusted = forwarding
         .trusted_proxies
         .iter()
         .any(|net| net.contains(&peer.ip));
     let proto = if client.tls { "https" } else { "http" };
-    let mut pending = PendingFields {
-        fields: Default::default(),
-        via: via_value(version),
-    };
     if !trusted {
-        // Whatever an untrusted client claimed goes; the proxy's own values are set aside
-        // rather than inserted (hashed into the map here, only to be iterated out again).
+        // Whatever an untrusted client claimed in a family we add goes; the proxy's own values
+        // are set aside rather than inserted (hashed into the map here, only to be iterated out
+        // again). A family we do not add passes through as sent.
         if has_forwarding_fields(headers) {
-            for name in PENDING_NAMES {
-                headers.remove(name);
+            for (i, name) in PENDING_NAMES.iter().enumerate() {
+                if adds_pending(forwarding, i) {
+                    headers.remove(*name);
+                }
             }
         }
-        pending.fields = [
-            Some(peer.ip_value.clone()),
-            Some(HeaderValue::from_static(proto)),
-            host,
-            Some(peer.port_value.clone()),
-            untrusted_forwarded(peer, authority, proto),
-        ];
+        if forwarding.add_x_forwarded {
+            pending.fields[..4].clone_from_slice(&[
+                Some(peer.ip_value.clone()),
+                Some(HeaderValue::from_static(proto)),
+                host,
+                Some(peer.port_value.clone()),
+            ]);
+        }
+        if forwarding.add_forwarded {
+            pending.fields[4] = untrusted_forwarded(peer, authority, proto);
+        }
         return pending;
     }
+    if forwarding.add_x_forwarded {
+        extend_x_forwarded(headers, peer, proto, host);
+    }
+    if forwarding.add_forwarded {
+        let forwarded = forwarded_text(peer, authority, proto, Some(headers));
+        set(headers, &FORWARDED, forwarded);
+    }
+    pending
+}
 
-    // X-Forwarded-For: a trusted proxy's chain is extended.
+/// `X-Forwarded-*` for a trusted peer: its `For` chain extended with the peer, the rest kept
+/// when present.
+fn extend_x_forwarded(
+    headers: &mut HeaderMap,
+    peer: &PeerHeaders,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+) {
     let mut chain = None::<String>;
     for value in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(text) = value.to_str() {
@@ -391,9 +417,6 @@ pub fn prepare_request(
     if !headers.contains_key(&X_FORWARDED_PORT) {
         headers.insert(&X_FORWARDED_PORT, peer.port_value.clone());
     }
-    let forwarded = forwarded_text(peer, authority, proto, Some(headers));
-    set(headers, &FORWARDED, forwarded);
-    pending
 }
 
 /// `Forwarded` for an untrusted client: our hop alone, which depends only on the connection
@@ -471,8 +494,8 @@ fn has_forwarding_fields(headers: &HeaderMap) -> bool {
 pub struct PendingFields {
     /// Values replacing the field of the same name in [`PENDING_NAMES`] (untrusted clients).
     fields: [Option<HeaderValue>; 5],
-    /// Our `Via` hop, appended after any the request carries.
-    via: HeaderValue,
+    /// Our `Via` hop, appended after any the request carries (unless `Via` is not added).
+    via: Option<HeaderValue>,
 }
 
 /// The names of [`PendingFields::fields`], in order.
@@ -484,6 +507,15 @@ static PENDING_NAMES: [&HeaderName; 5] = [
     &FORWARDED,
 ];
 
+/// Whether `forwarding` adds the family of `PENDING_NAMES[i]`.
+fn adds_pending(forwarding: &Forwarding, i: usize) -> bool {
+    if i < 4 {
+        forwarding.add_x_forwarded
+    } else {
+        forwarding.add_forwarded
+    }
+}
+
 impl PendingFields {
     /// Each field as it goes on the wire, `Via` last.
     pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
@@ -491,7 +523,7 @@ impl PendingFields {
             .iter()
             .zip(&self.fields)
             .filter_map(|(name, value)| Some((*name, value.as_ref()?)))
-            .chain(std::iter::once((&header::VIA, &self.via)))
+            .chain(self.via.as_ref().map(|via| (&header::VIA, via)))
     }
 
     /// Puts the fields into `headers`, for a client that sends the map itself.
@@ -501,7 +533,9 @@ impl PendingFields {
                 headers.insert(*name, value);
             }
         }
-        headers.append(header::VIA, self.via);
+        if let Some(via) = self.via {
+            headers.append(header::VIA, via);
+        }
     }
 }
 
@@ -520,7 +554,9 @@ pub fn prepare_response(
     for name in &forwarding.remove_response_headers {
         headers.remove(name);
     }
-    append_via(headers, version);
+    if forwarding.add_via {
+        headers.append(header::VIA, via_value(version));
+    }
 }
 
 /// Methods whose requests have no body unless one is framed explicitly.
@@ -529,10 +565,6 @@ pub fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
-}
-
-fn append_via(headers: &mut HeaderMap, version: Version) {
-    headers.append(header::VIA, via_value(version));
 }
 
 /// Our `Via` hop for a message received as `version`.
@@ -647,6 +679,39 @@ mod tests {
         assert_eq!(parse_content_length(b"1,1"), None);
         assert_eq!(parse_content_length(b""), None);
         assert_eq!(parse_content_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn families_not_added_pass_through_on_both_client_paths() {
+        let fwd = Forwarding {
+            add_x_forwarded: false,
+            add_via: false,
+            ..forwarding(&[])
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        let pending = prepare_request(
+            &mut h,
+            Version::HTTP_11,
+            None,
+            &client(&peer("192.0.2.7:5555"), &fwd),
+            false,
+        );
+        // The direct client writes what `iter` yields after the map: only `Forwarded`.
+        let names: Vec<_> = pending.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["forwarded"]);
+        pending.insert_into(&mut h);
+        assert_eq!(
+            h["x-forwarded-for"], "6.6.6.6",
+            "kept as the client sent it"
+        );
+        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=http", "replaced");
+        assert!(!h.contains_key("via") && !h.contains_key("x-forwarded-proto"));
+
+        let mut response = HeaderMap::new();
+        prepare_response(&mut response, Version::HTTP_11, &fwd, false, true);
+        assert!(response.is_empty(), "no Via on the response: {response:?}");
     }
 
     #[test]
