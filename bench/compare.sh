@@ -8,6 +8,8 @@
 #   SCENARIOS       space/comma separated subset of: plain features c1000 h2 (default: all)
 #   DURATION        seconds of load per measured run (default 10)
 #   ROUNDS          interleaved rounds per scenario (default 3)
+#   LATENCY_ROUNDS  interleaved rounds of the fixed-rate latency runs (default 5: a p99 is
+#                   easily moved by one episode of noise on the load core, so more rounds)
 #   WARMUP          seconds of unmeasured load per proxy and scenario (default 1, 0 = off)
 #   CONNECTIONS     wrk/oha/h2load connections for plain, features and h2 (default 32)
 #   HIGH_CONNECTIONS  wrk connections for the c1000 scenario (default 1000)
@@ -28,6 +30,7 @@ set -euo pipefail
 
 DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-3}"
+LATENCY_ROUNDS="${LATENCY_ROUNDS:-5}"
 WARMUP="${WARMUP:-1}"
 CONNECTIONS="${CONNECTIONS:-32}"
 HIGH_CONNECTIONS="${HIGH_CONNECTIONS:-1000}"
@@ -42,10 +45,12 @@ PIN="${PIN:-1}"
 PGO="${PGO:-1}"
 PIN_PROXY=()
 PIN_LOAD=()
+LOAD_CPU_LAST=-1 # the load CPUs are 0..LOAD_CPU_LAST; -1: all (not pinned)
 if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
     LAST_CPU=$(($(nproc) - 1))
     PIN_PROXY=(taskset -c "$LAST_CPU")
     PIN_LOAD=(taskset -c "0-$((LAST_CPU - 1))")
+    LOAD_CPU_LAST=$((LAST_CPU - 1))
 fi
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -60,6 +65,7 @@ source "$SCRIPT_DIR/lib.sh"
 
 check_int DURATION "$DURATION" 1 300
 check_int ROUNDS "$ROUNDS" 1 20
+check_int LATENCY_ROUNDS "$LATENCY_ROUNDS" 1 20
 check_int WARMUP "$WARMUP" 0 60
 check_int CONNECTIONS "$CONNECTIONS" 1 1000
 check_int HIGH_CONNECTIONS "$HIGH_CONNECTIONS" 1 5000
@@ -148,9 +154,9 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------
 # Ports: ask the kernel for distinct free loopback ports, then release them.
 # ---------------------------------------------------------------------------
-read -r BACKEND_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT \
-    BW_PORT BW_ADMIN BWF_PORT BWF_ADMIN BWL_PORT BWL_ADMIN < <(free_ports 11)
-log "ports: backend=$BACKEND_PORT nginx=$NGINX_PORT/$NGINX_H2_PORT(h2) haproxy=$HAPROXY_PORT/$HAPROXY_H2_PORT(h2) breakwater=$BW_PORT features=$BWF_PORT features+log=$BWL_PORT"
+read -r BACKEND_PORT NGINX_PORT NGINX_H2_PORT NGINX_FWD_PORT HAPROXY_PORT HAPROXY_H2_PORT \
+    BW_PORT BW_ADMIN BWD_PORT BWD_ADMIN BWF_PORT BWF_ADMIN BWL_PORT BWL_ADMIN < <(free_ports 14)
+log "ports: backend=$BACKEND_PORT nginx=$NGINX_PORT/$NGINX_H2_PORT(h2)/$NGINX_FWD_PORT(fwd) haproxy=$HAPROXY_PORT/$HAPROXY_H2_PORT(h2) breakwater=$BW_PORT bw-fwd=$BWD_PORT features=$BWF_PORT features+log=$BWL_PORT"
 
 nginx_common() { # $1 = dir
     cat <<EOF
@@ -227,6 +233,17 @@ mkdir -p "$P/tmp"
             proxy_set_header Connection "";
         }
     }
+    server {
+        listen 127.0.0.1:$NGINX_FWD_PORT backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+EOF
+    nginx_forwarding_directives
+    cat <<EOF
+        }
+    }
 }
 EOF
 } >"$P/nginx.conf"
@@ -235,6 +252,7 @@ NGINX_PID=$LAST_PID
 wait_http "http://127.0.0.1:$NGINX_PORT/" 10 "$NGINX_PID" ||
     { cat "$P/error.log" >&2 2>/dev/null || true; die "nginx proxy did not become ready"; }
 check_body nginx "http://127.0.0.1:$NGINX_PORT/"
+check_body nginx-fwd "http://127.0.0.1:$NGINX_FWD_PORT/"
 
 # ---------------------------------------------------------------------------
 # HAProxy: nbthread 1, http-reuse always, foreground (-db: one process, no master)
@@ -300,11 +318,13 @@ fi
 [[ -x "$BIN" ]] || die "breakwater binary not found or not executable: $BIN"
 BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | head -n1)"
 
-plain_policy "$BW_PORT" "$BACKEND_PORT" >"$TMP/bw-plain.yaml"
-
+# `breakwater` does the job nginx and HAProxy are configured for here (no forwarding headers);
+# `bw-fwd`, every field at its default, adds them, as `nginx-fwd` does.
+bare_policy "$BW_PORT" "$BACKEND_PORT" >"$TMP/bw-plain.yaml"
+plain_policy "$BWD_PORT" "$BACKEND_PORT" bench-fwd >"$TMP/bw-fwd.yaml"
 features_policy "$BWF_PORT" "$BACKEND_PORT" >"$TMP/bw-features.yaml"
 features_policy "$BWL_PORT" "$BACKEND_PORT" >"$TMP/bw-features-log.yaml"
-for f in bw-plain bw-features bw-features-log; do
+for f in bw-plain bw-fwd bw-features bw-features-log; do
     timeout 10 "$BIN" validate "$TMP/$f.yaml" >"$TMP/$f.validate" 2>&1 ||
         { cat "$TMP/$f.validate" >&2; die "breakwater validate rejected $f.yaml"; }
 done
@@ -328,6 +348,7 @@ start_bw() { # name config port admin rust_log logfile
     PROXY_PORT[$name]=$port
 }
 start_bw breakwater "$TMP/bw-plain.yaml" "$BW_PORT" "$BW_ADMIN" warn "$TMP/bw-plain.log"
+want plain && start_bw bw-fwd "$TMP/bw-fwd.yaml" "$BWD_PORT" "$BWD_ADMIN" warn "$TMP/bw-fwd.log"
 if want features; then
     start_bw bw-features "$TMP/bw-features.yaml" "$BWF_PORT" "$BWF_ADMIN" warn "$TMP/bw-features.log"
     start_bw bw-features-log "$TMP/bw-features-log.yaml" "$BWL_PORT" "$BWL_ADMIN" info "$TMP/bw-features-log.log"
@@ -342,6 +363,8 @@ if want features; then
 fi
 PROXY_PID[nginx]=$NGINX_PID
 PROXY_PORT[nginx]=$NGINX_PORT
+PROXY_PID[nginx-fwd]=$NGINX_PID
+PROXY_PORT[nginx-fwd]=$NGINX_FWD_PORT
 PROXY_H2_PORT[nginx]=$NGINX_H2_PORT
 PROXY_PID[haproxy]=$HAPROXY_PID
 PROXY_PORT[haproxy]=$HAPROXY_PORT
@@ -398,27 +421,44 @@ run_load() { # tool port seconds outfile [rate]
     fi
 }
 
+# load_cpu_ticks: "busy total steal" jiffies summed over the load CPUs (0..LOAD_CPU_LAST, or
+# every CPU when not pinned). busy leaves out idle, iowait and steal; steal is time the
+# hypervisor gave the vCPUs to someone else. Both explain a fixed-rate tail that is not the
+# proxy's: a load core near saturation, or a noisy neighbour.
+load_cpu_ticks() {
+    awk -v last="$LOAD_CPU_LAST" '
+        $1 ~ /^cpu[0-9]+$/ {
+            if (last >= 0 && substr($1, 4) + 0 > last) next
+            t = 0
+            for (i = 2; i <= 9; i++) t += $i
+            busy += t - $5 - $6 - $9; total += t; steal += $9
+        }
+        END { print busy + 0, total + 0, steal + 0 }' /proc/stat
+}
+
 # measure SCENARIO PROXY ROUND TOOL PORT [RATE]: one measured run, appended to $RAW.
 measure() {
     local scen="$1" name="$2" r="$3" tool="$4" port="$5" rate="${6:-}" pid rss out lines=0
     pid="${PROXY_PID[$name]}"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) is no longer running"
     out="$TMP/$scen-$name-$tool-$r.out"
-    log "$scen round $r/$ROUNDS: $name ($tool, ${DURATION}s${rate:+, ${rate} req/s})"
+    log "$scen round $r/${ROUNDS_NOW:-$ROUNDS}: $name ($tool, ${DURATION}s${rate:+, ${rate} req/s})"
     [[ -n "${ACCESS_LOG[$name]:-}" ]] && : >"${ACCESS_LOG[$name]}"
-    local u0 s0 u1 s1
+    local u0 s0 u1 s1 lb0 lt0 st0 lb1 lt1 st1
+    read -r lb0 lt0 st0 < <(load_cpu_ticks)
     read -r u0 s0 < <(cpu_ticks_split "$pid")
     run_load "$tool" "$port" "$DURATION" "$out" "$rate"
     read -r u1 s1 < <(cpu_ticks_split "$pid")
+    read -r lb1 lt1 st1 < <(load_cpu_ticks)
     rss="$(peak_rss_kib "$pid")"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) died during $scen round $r"
     if [[ -n "${ACCESS_LOG[$name]:-}" ]]; then
         lines="$(grep -c 'breakwater::access' "${ACCESS_LOG[$name]}" || true)"
         : >"${ACCESS_LOG[$name]}"
     fi
-    printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\n' \
+    printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n' \
         "$scen" "$name" "$r" "$tool" "$((u1 - u0 + s1 - s0))" "$rss" "$out" "${rate:-0}" "$lines" \
-        "$((u1 - u0))" "$((s1 - s0))" >>"$RAW"
+        "$((u1 - u0))" "$((s1 - s0))" "$((lb1 - lb0))" "$((lt1 - lt0))" "$((st1 - st0))" >>"$RAW"
 }
 
 warmup() { # scenario tool proxies...
@@ -437,7 +477,7 @@ warmup() { # scenario tool proxies...
 rounds() { # scenario tool [rate] -- proxies...
     local scen="$1" tool="$2" rate="$3" r name port
     shift 4
-    for ((r = 1; r <= ROUNDS; r++)); do
+    for ((r = 1; r <= ${ROUNDS_NOW:-$ROUNDS}; r++)); do
         for name in "$@"; do
             port="${PROXY_PORT[$name]}"
             [[ "$tool" == h2load ]] && port="${PROXY_H2_PORT[$name]}"
@@ -465,23 +505,23 @@ PY
 # Scenarios
 # ---------------------------------------------------------------------------
 runs=0
-want plain && runs=$((runs + 3 * ROUNDS * 2))
+want plain && runs=$((runs + 5 * ROUNDS + 3 * LATENCY_ROUNDS))
 want features && runs=$((runs + 3 * ROUNDS))
 want c1000 && runs=$((runs + 3 * ROUNDS))
 want h2 && runs=$((runs + 3 * ROUNDS))
-log "about $((runs * DURATION + 12 * WARMUP)) s of load ($runs measured runs of ${DURATION}s)"
+log "about $((runs * DURATION + 14 * WARMUP)) s of load ($runs measured runs of ${DURATION}s)"
 
 OHA_RATE=0
 if want plain; then
-    warmup plain wrk nginx haproxy breakwater
-    rounds plain wrk "" -- nginx haproxy breakwater
+    warmup plain wrk nginx haproxy breakwater nginx-fwd bw-fwd
+    rounds plain wrk "" -- nginx haproxy breakwater nginx-fwd bw-fwd
     if [[ -n "$OHA" ]]; then
         OHA_RATE="${RATE:-$(($(median_rps plain nginx wrk) / 2))}"
         if ((OHA_RATE < 1)); then
             OHA_NOTE="could not derive a fixed rate from nginx's wrk runs: fixed-rate rows skipped"
         else
             log "fixed-rate latency runs at $OHA_RATE req/s (oha, ${CONNECTIONS} connections)"
-            rounds plain oha "$OHA_RATE" -- nginx haproxy breakwater
+            ROUNDS_NOW=$LATENCY_ROUNDS rounds plain oha "$OHA_RATE" -- nginx haproxy breakwater
         fi
     fi
 fi
@@ -511,8 +551,8 @@ HEADER="breakwater comparison (issue #7)  $(date -u +%Y-%m-%dT%H:%M:%SZ)
 host: $(nproc) CPUs, $(uname -sr)
 tools: $NGINX_VERSION; $HAPROXY_VERSION; $WRK_VERSION; $OHA_VERSION; $H2LOAD_VERSION
 breakwater: $BW_VERSION ($BIN)
-scenarios: $SCENARIO_LIST; DURATION=${DURATION}s ROUNDS=$ROUNDS WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS HIGH_CONNECTIONS=$HIGH_CONNECTIONS H2_STREAMS=$H2_STREAMS
-backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64), haproxy nbthread 1 (http-reuse always), breakwater --workers 1
+scenarios: $SCENARIO_LIST; DURATION=${DURATION}s ROUNDS=$ROUNDS LATENCY_ROUNDS=$LATENCY_ROUNDS WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS HIGH_CONNECTIONS=$HIGH_CONNECTIONS H2_STREAMS=$H2_STREAMS
+backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64), haproxy nbthread 1 (http-reuse always), breakwater --workers 1 (breakwater: no forwarding headers, as nginx and haproxy here; nginx-fwd and bw-fwd both add X-Forwarded-*, Forwarded, Via)
 CPU: utime+stime from /proc (process + child processes), CLK_TCK=$CLK_TCK; RSS: VmHWM (peak)
 pinning: ${PIN_PROXY[*]:-none} for the proxies, ${PIN_LOAD[*]:-none} for backend and load tools"
 
@@ -586,7 +626,8 @@ def parse_h2load(text):
 PARSE = {"wrk": parse_wrk, "wrk1000": parse_wrk, "oha": parse_oha, "h2load": parse_h2load}
 rows = []
 for line in open(raw_path):
-    scen, name, rnd, tool, ticks, rss, path, rate, lines, user, sys_ = line.rstrip("\n").split("\t")
+    (scen, name, rnd, tool, ticks, rss, path, rate, lines, user, sys_, load_busy, load_total,
+     load_steal) = line.rstrip("\n").split("\t")
     d = PARSE[tool](open(path).read())
     cpu_s = int(ticks) / clk
     # CPU microseconds per request, user space and kernel apart: the proxies make the same
@@ -594,7 +635,9 @@ for line in open(raw_path):
     per_req = lambda t: int(t) / clk * 1e6 / d["requests"] if d["requests"] else NAN
     d.update(scen=scen, name=name, round=int(rnd), tool=tool, cpu_s=cpu_s, rss_mib=int(rss) / 1024,
              rate=int(rate), log_lines=int(lines), user_us=per_req(user), sys_us=per_req(sys_),
-             rpc=(d["requests"] / cpu_s) if cpu_s > 0 else NAN)
+             rpc=(d["requests"] / cpu_s) if cpu_s > 0 else NAN,
+             load_busy=100 * int(load_busy) / int(load_total) if int(load_total) else NAN,
+             steal=100 * int(load_steal) / int(load_total) if int(load_total) else NAN)
     rows.append(d)
 
 def groups():
@@ -621,7 +664,8 @@ for scen, tool in groups():
     for n in names(scen, tool):
         rs = [r for r in rows if r["scen"] == scen and r["tool"] == tool and r["name"] == n]
         m = {k: nanmedian([r[k] for r in rs]) for k in ("rps", "p50", "p99", "p999", "rpc", "cpu_s",
-                                                     "user_us", "sys_us")}
+                                                     "user_us", "sys_us", "load_busy")}
+        m["steal_max"] = max((r["steal"] for r in rs if r["steal"] == r["steal"]), default=NAN)
         m["rss_mib"] = max(r["rss_mib"] for r in rs)
         m["errors"] = sum(r["errors"] for r in rs)
         m["rounds"] = rs
@@ -655,6 +699,11 @@ for scen, tool in groups():
                    f"{m['rss_mib']:>9.1f}{m['errors']:>8d}")
     if tool == "h2load":
         out.append("(h2load prints no percentiles: the p50 column holds its mean request time)")
+    if tool == "oha":
+        out.append("load CPUs (backend + oha) during these runs, median busy % / highest steal %: "
+                   + ", ".join(f"{n} {f(med[(scen, tool, n)]['load_busy'], '.0f')} / "
+                               f"{f(med[(scen, tool, n)]['steal_max'], '.1f')}"
+                               for n in names(scen, tool)))
     if scen == "features":
         ll = [r for r in rows if r["scen"] == "features" and r["name"] == "bw-features-log"]
         if ll:
@@ -709,6 +758,10 @@ ratio_line("plain", "plain", "oha", "breakwater", "haproxy", "p99", "p99 at fixe
 ratio_line("plain", "plain", "oha", "breakwater", "nginx", "p999", "p99.9 at fixed rate")
 ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "rps", "req/s")
 ratio_line("plain", "plain", "wrk", "breakwater", "haproxy", "rps", "req/s")
+ratio_line("plain", "plain", "wrk", "bw-fwd", "nginx-fwd", "rpc",
+           "req/CPU-s (both adding forwarding headers)")
+ratio_line("plain", "plain", "wrk", "bw-fwd", "nginx", "rpc",
+           "req/CPU-s (breakwater's default forwarding headers, nginx none)")
 ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "user_us", "user-space CPU per request")
 ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "sys_us", "kernel CPU per request")
 mn = get("plain", "wrk", "nginx")
@@ -720,9 +773,10 @@ if mn and mn["sys_us"] == mn["sys_us"] and mn["sys_us"] > 0:
 for n in ("bw-features", "bw-features-log"):
     ratio_line("features", "features", "wrk", n, "nginx", "rpc", "req/CPU-s", ">=", 0.90)
     ratio_line("features", "features", "wrk", n, "nginx", "rps", "req/s")
-if get("features", "wrk", "bw-features") and get("plain", "wrk", "breakwater"):
-    ratio_line("features", "features", "wrk", "bw-features", "breakwater", "rpc",
-               "req/CPU-s (vs breakwater plain, other scenario)", scen_b="plain")
+if get("features", "wrk", "bw-features") and get("plain", "wrk", "bw-fwd"):
+    ratio_line("features", "features", "wrk", "bw-features", "bw-fwd", "rpc",
+               "req/CPU-s (vs breakwater plain with its default headers, other scenario)",
+               scen_b="plain")
 for n in ("nginx", "haproxy", "breakwater"):
     m = get("c1000", "wrk1000", n)
     if m:
@@ -740,12 +794,14 @@ out.append("")
 
 out.append("== per round")
 out.append(f"{'scenario':<10}{'tool':<9}{'round':<7}{'proxy':<17}{'req/s':>10}{'requests':>10}{'p50 ms':>9}"
-           f"{'p99 ms':>9}{'p99.9 ms':>10}{'CPU s':>7}{'req/CPU-s':>11}{'errors':>8}")
+           f"{'p99 ms':>9}{'p99.9 ms':>10}{'CPU s':>7}{'req/CPU-s':>11}{'errors':>8}{'load CPU %':>11}"
+           f"{'steal %':>8}")
 order = {k: i for i, k in enumerate(groups())}
 for r in sorted(rows, key=lambda r: (order[(r["scen"], r["tool"])], r["round"])):
     out.append(f"{r['scen']:<10}{r['tool']:<9}{r['round']:<7}{r['name']:<17}{f(r['rps'], '>10.0f')}"
                f"{r['requests']:>10d}{f(r['p50'], '>9.3f')}{f(r['p99'], '>9.3f')}{f(r['p999'], '>10.3f')}"
-               f"{r['cpu_s']:>7.2f}{f(r['rpc'], '>11.0f')}{r['errors']:>8d}")
+               f"{r['cpu_s']:>7.2f}{f(r['rpc'], '>11.0f')}{r['errors']:>8d}{f(r['load_busy'], '>11.0f')}"
+               f"{f(r['steal'], '>8.1f')}")
 if any(r["errors"] for r in rows):
     out.append("")
     out.append("WARNING: some runs had socket errors or non-2xx responses (see 'errors').")

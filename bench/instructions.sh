@@ -11,7 +11,9 @@
 #                    one the Dockerfile ships; PGO=0: cargo build --release)
 #   DURATION         seconds of wrk load per proxy, after a 1 s warm-up (default 5)
 #   CONNECTIONS      wrk connections (default 32)
-#   BW_POLICY        breakwater's configuration: plain (default; the same as nginx's), features
+#   BW_POLICY        breakwater's configuration: plain (default; every field at its default, so
+#                    it adds the forwarding headers, as nginx-fwd does), bare (plain adding no
+#                    forwarding headers, as plain nginx does), features
 #                    (issue #7's "all features on": rate limits, breakers, retries with a budget,
 #                    health checks) or features-log (the same with the access log on, written
 #                    to a file; the log writer thread is counted too)
@@ -25,8 +27,8 @@ CONNECTIONS="${CONNECTIONS:-32}"
 [[ "$DURATION" =~ ^[0-9]+$ ]] && ((DURATION >= 1 && DURATION <= 120)) ||
     { echo "DURATION must be 1-120" >&2; exit 2; }
 BW_POLICY="${BW_POLICY:-plain}"
-[[ "$BW_POLICY" =~ ^(plain|features|features-log)$ ]] ||
-    { echo "BW_POLICY must be plain, features or features-log" >&2; exit 2; }
+[[ "$BW_POLICY" =~ ^(plain|bare|features|features-log)$ ]] ||
+    { echo "BW_POLICY must be plain, bare, features or features-log" >&2; exit 2; }
 [[ "$CONNECTIONS" =~ ^[0-9]+$ ]] && ((CONNECTIONS >= 1 && CONNECTIONS <= 1000)) ||
     { echo "CONNECTIONS must be 1-1000" >&2; exit 2; }
 
@@ -81,18 +83,14 @@ EOF
       proxy_http_version 1.1; proxy_set_header Connection ""; } }
   server { listen 127.0.0.1:$fwd; location / { proxy_pass http://backend;
       proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header X-Forwarded-Port \$server_port;
-      proxy_set_header Forwarded "for=\$remote_addr;host=\$host;proto=\$scheme";
-      proxy_set_header Via "1.1 nginx";
-      add_header Via "1.1 nginx"; } } }
 EOF
+    nginx_forwarding_directives
+    echo "  } } }"
 } >"$TMP/proxy.conf"
 if [[ "$BW_POLICY" == plain ]]; then
     plain_policy "$bw" "$backend" >"$TMP/bw.yaml"
+elif [[ "$BW_POLICY" == bare ]]; then
+    bare_policy "$bw" "$backend" >"$TMP/bw.yaml"
 else
     features_policy "$bw" "$backend" >"$TMP/bw.yaml"
 fi

@@ -173,7 +173,7 @@ need_nginx_wrk() {
 }
 
 # plain_policy LISTEN_PORT BACKEND_PORT [NAME]: plain forwarding, one listener and one backend
-# with every other field at its default.
+# with every other field at its default (forwarding headers included).
 plain_policy() {
     cat <<EOF
 apiVersion: breakwater.io/v1alpha1
@@ -183,6 +183,28 @@ spec:
   listener: {port: $1, address: 127.0.0.1}
   backends:
     - {name: app, url: "http://127.0.0.1:$2"}
+EOF
+}
+
+# bare_policy LISTEN_PORT BACKEND_PORT [NAME]: plain_policy adding no forwarding headers, the
+# same job as an nginx `proxy_pass` or an HAProxy backend without forwarding directives.
+bare_policy() {
+    plain_policy "$@"
+    echo "  forwarding: {addHeaders: []}"
+}
+
+# nginx_forwarding_directives: nginx `location` directives adding the forwarding headers
+# breakwater adds by default (X-Forwarded-*, Forwarded, Via both ways), for like-for-like runs.
+nginx_forwarding_directives() {
+    cat <<'EOF'
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Forwarded-Port $server_port;
+      proxy_set_header Forwarded "for=$remote_addr;host=$host;proto=$scheme";
+      proxy_set_header Via "1.1 nginx";
+      add_header Via "1.1 nginx";
 EOF
 }
 
