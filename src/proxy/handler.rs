@@ -79,11 +79,13 @@ pub(super) struct Outcome<'a> {
 // An `async move` block rather than an `async fn`: an `async fn` moves its arguments into
 // locals, so its future holds each of them twice; the block uses its captures in place.
 #[allow(clippy::manual_async_fn)]
-pub fn handle(
-    state: Arc<ProxyState>,
-    conn: Arc<ConnContext>,
+// Borrowed state and connection: the direct server's requests all run inside the connection's
+// task, so they need no reference counts of their own (hyper's service owns two per request).
+pub fn handle<'a>(
+    state: &'a ProxyState,
+    conn: &'a ConnContext,
     req: Request<ClientBody>,
-) -> impl std::future::Future<Output = Response<ResponseBody>> {
+) -> impl std::future::Future<Output = Response<ResponseBody>> + 'a {
     async move {
         let active = conn.shared.start_request();
         let seq = conn.shared.requests_started();
@@ -110,7 +112,7 @@ pub fn handle(
             response.body_mut().hold_active(active);
             return response;
         };
-        let (mut response, outcome) = forward(&state, &policy, &conn, req, seq, started).await;
+        let (mut response, outcome) = forward(state, &policy, conn, req, seq, started).await;
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
         let backend_metrics = outcome

@@ -251,15 +251,11 @@ async fn serve_connection(
                 head_timeout: timeouts.request_header,
             };
             let direct_ctx = ctx(false);
-            let direct_state = Arc::clone(&state);
+            let (state_ref, ctx_ref) = (&*state, &*direct_ctx);
             // Each request's future is boxed: the connection's task then stays small while idle
             // (the handler's future is about 3 KiB).
             let ended = server::serve(stream, limits, &stop, |req| {
-                Box::pin(handle(
-                    Arc::clone(&direct_state),
-                    Arc::clone(&direct_ctx),
-                    req,
-                ))
+                Box::pin(handle(state_ref, ctx_ref, req))
             })
             .await;
             if let Ended::Handover { stream, buffered } = ended {
@@ -310,7 +306,7 @@ async fn serve<IO>(
         let state = Arc::clone(&state);
         let ctx = Arc::clone(&ctx);
         Box::pin(async move {
-            Ok::<_, Infallible>(handle(state, ctx, req.map(ClientBody::Streaming)).await)
+            Ok::<_, Infallible>(handle(&state, &ctx, req.map(ClientBody::Streaming)).await)
         })
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(Box::pin(io)), service);
