@@ -338,10 +338,10 @@ impl ResponseBody {
         self.slot = Some(slot);
     }
 
-    /// Keeps the client connection's request count until this body is done (in place, as
-    /// [`Self::hold_slot`]).
-    pub fn hold_active(&mut self, active: ActiveRequest) {
-        self.active = Some(active);
+    /// Keeps the client connection's request count, if it keeps one, until this body is done
+    /// (in place, as [`Self::hold_slot`]).
+    pub fn hold_active(&mut self, active: Option<ActiveRequest>) {
+        self.active = active;
     }
 }
 
