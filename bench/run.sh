@@ -130,22 +130,17 @@ mkdir -p "$P/tmp"
             proxy_set_header Connection "";
         }
     }
-    # The same proxy doing the header work breakwater always does: X-Forwarded-*, RFC 7239
-    # Forwarded, Via both ways, the client's Host kept. This is the like-for-like peer.
+    # The same proxy doing the header work breakwater's default policy does: X-Forwarded-*,
+    # RFC 7239 Forwarded, Via both ways, the client's Host kept. This is the like-for-like peer.
     server {
         listen 127.0.0.1:$NGINX_FWD_PORT backlog=4096;
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-            proxy_set_header X-Forwarded-Host \$host;
-            proxy_set_header X-Forwarded-Port \$server_port;
-            proxy_set_header Forwarded "for=\$remote_addr;host=\$host;proto=\$scheme";
-            proxy_set_header Via "1.1 nginx";
-            add_header Via "1.1 nginx";
+EOF
+    nginx_forwarding_directives
+    cat <<EOF
         }
     }
 }
