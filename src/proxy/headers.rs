@@ -357,17 +357,17 @@ pub fn prepare_request(
                 }
             }
         }
-        if forwarding.add_x_forwarded {
-            pending.fields[..4].clone_from_slice(&[
-                Some(peer.ip_value.clone()),
-                Some(HeaderValue::from_static(proto)),
-                host,
-                Some(peer.port_value.clone()),
-            ]);
-        }
-        if forwarding.add_forwarded {
-            pending.fields[4] = untrusted_forwarded(peer, authority, proto);
-        }
+        let x_forwarded = forwarding.add_x_forwarded;
+        pending.fields = [
+            x_forwarded.then(|| peer.ip_value.clone()),
+            x_forwarded.then(|| HeaderValue::from_static(proto)),
+            host.filter(|_| x_forwarded),
+            x_forwarded.then(|| peer.port_value.clone()),
+            forwarding
+                .add_forwarded
+                .then(|| untrusted_forwarded(peer, authority, proto))
+                .flatten(),
+        ];
         return pending;
     }
     if forwarding.add_x_forwarded {
