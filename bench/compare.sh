@@ -5,7 +5,8 @@
 #
 # Usage: bash bench/compare.sh
 # Env:
-#   SCENARIOS       space/comma separated subset of: plain features c1000 h2 (default: all)
+#   SCENARIOS       space/comma separated subset of: plain features c1000 h2 paired
+#                   (default: all)
 #   DURATION        seconds of load per measured run (default 10)
 #   ROUNDS          interleaved rounds per scenario (default 3)
 #   LATENCY_ROUNDS  interleaved rounds of the fixed-rate latency runs (default 5: a p99 is
@@ -13,6 +14,8 @@
 #   WARMUP          seconds of unmeasured load per proxy and scenario (default 1, 0 = off)
 #   CONNECTIONS     wrk/oha/h2load connections for plain, features and h2 (default 32)
 #   HIGH_CONNECTIONS  wrk connections for the c1000 scenario (default 1000)
+#   PAIRED_SLICES   slices of the paired scenario per pair (default 8)
+#   PAIRED_SECONDS  seconds per paired slice (default 5)
 #   H2_STREAMS      h2load concurrent streams per connection (default 10)
 #   RATE            fixed request rate for the oha latency runs (default: half of nginx's median
 #                   wrk req/s in this run's plain scenario)
@@ -38,7 +41,9 @@ H2_STREAMS="${H2_STREAMS:-10}"
 RATE="${RATE:-}"
 NO_INSTALL="${NO_INSTALL:-0}"
 OHA_INSTALL_TIMEOUT="${OHA_INSTALL_TIMEOUT:-1200}"
-SCENARIOS="${SCENARIOS:-plain features c1000 h2}"
+SCENARIOS="${SCENARIOS:-plain features c1000 h2 paired}"
+PAIRED_SLICES="${PAIRED_SLICES:-8}"
+PAIRED_SECONDS="${PAIRED_SECONDS:-5}"
 TOOLS_ROOT="${TOOLS_ROOT:-$HOME/.cache/breakwater-tools}"
 LOAD_THREADS=1
 PIN="${PIN:-1}"
@@ -70,20 +75,22 @@ check_int WARMUP "$WARMUP" 0 60
 check_int CONNECTIONS "$CONNECTIONS" 1 1000
 check_int HIGH_CONNECTIONS "$HIGH_CONNECTIONS" 1 5000
 check_int H2_STREAMS "$H2_STREAMS" 1 100
+check_int PAIRED_SLICES "$PAIRED_SLICES" 1 50
+check_int PAIRED_SECONDS "$PAIRED_SECONDS" 1 60
 check_int OHA_INSTALL_TIMEOUT "$OHA_INSTALL_TIMEOUT" 60 3600
 [[ -z "$RATE" ]] || check_int RATE "$RATE" 1 10000000
 
 declare -A WANT=()
 for s in ${SCENARIOS//,/ }; do
     case "$s" in
-        plain | features | c1000 | h2) WANT[$s]=1 ;;
-        *) die "unknown scenario '$s' (known: plain features c1000 h2)" ;;
+        plain | features | c1000 | h2 | paired) WANT[$s]=1 ;;
+        *) die "unknown scenario '$s' (known: plain features c1000 h2 paired)" ;;
     esac
 done
 ((${#WANT[@]})) || die "SCENARIOS is empty"
 want() { [[ -n "${WANT[$1]:-}" ]]; }
 SCENARIO_LIST=""
-for s in plain features c1000 h2; do
+for s in plain features c1000 h2 paired; do
     if want "$s"; then SCENARIO_LIST+="${SCENARIO_LIST:+ }$s"; fi
 done
 
@@ -348,8 +355,10 @@ start_bw() { # name config port admin rust_log logfile
     PROXY_PORT[$name]=$port
 }
 start_bw breakwater "$TMP/bw-plain.yaml" "$BW_PORT" "$BW_ADMIN" warn "$TMP/bw-plain.log"
-want plain && start_bw bw-fwd "$TMP/bw-fwd.yaml" "$BWD_PORT" "$BWD_ADMIN" warn "$TMP/bw-fwd.log"
-if want features; then
+if want plain || want paired; then
+    start_bw bw-fwd "$TMP/bw-fwd.yaml" "$BWD_PORT" "$BWD_ADMIN" warn "$TMP/bw-fwd.log"
+fi
+if want features || want paired; then
     start_bw bw-features "$TMP/bw-features.yaml" "$BWF_PORT" "$BWF_ADMIN" warn "$TMP/bw-features.log"
     start_bw bw-features-log "$TMP/bw-features-log.yaml" "$BWL_PORT" "$BWL_ADMIN" info "$TMP/bw-features-log.log"
     ACCESS_LOG[bw-features-log]="$TMP/bw-features-log.log"
@@ -395,7 +404,7 @@ fi
 # ---------------------------------------------------------------------------
 # Load tools (each under a hard timeout)
 # ---------------------------------------------------------------------------
-TOOL_TIMEOUT=$((DURATION + 30))
+TOOL_TIMEOUT=$((DURATION > PAIRED_SECONDS ? DURATION + 30 : PAIRED_SECONDS + 30))
 RAW="$TMP/runs.tsv"
 : >"$RAW"
 
@@ -486,6 +495,44 @@ rounds() { # scenario tool [rate] -- proxies...
     done
 }
 
+# measure_pair SCENARIO SLICE A B: A and B under the same wrk load at the same time, one wrk
+# each on the load CPUs, both proxies on the proxy CPU. Whatever the shared machine does during
+# the slice (a busy neighbour, a slower clock) it does to both, so their req/CPU-s ratio holds
+# still where runs taken one after the other swing by 10-20 %. Appends a row per proxy to $RAW,
+# the slice as the round.
+measure_pair() {
+    local scen="$1" r="$2" a="$3" b="$4" n bg rc=0 lb0 lt0 st0 lb1 lt1 st1
+    local -A u0 s0 u1 s1
+    for n in "$a" "$b"; do
+        kill -0 "${PROXY_PID[$n]}" 2>/dev/null || die "$n (pid ${PROXY_PID[$n]}) is no longer running"
+    done
+    log "$scen slice $r/$PAIRED_SLICES: $a and $b at once (wrk, ${PAIRED_SECONDS}s)"
+    for n in "$a" "$b"; do
+        [[ -n "${ACCESS_LOG[$n]:-}" ]] && : >"${ACCESS_LOG[$n]}"
+    done
+    read -r lb0 lt0 st0 < <(load_cpu_ticks)
+    for n in "$a" "$b"; do
+        read -r "u0[$n]" "s0[$n]" < <(cpu_ticks_split "${PROXY_PID[$n]}")
+    done
+    run_load wrk "${PROXY_PORT[$a]}" "$PAIRED_SECONDS" "$TMP/$scen-$a-wrk-$r.out" &
+    bg=$!
+    run_load wrk "${PROXY_PORT[$b]}" "$PAIRED_SECONDS" "$TMP/$scen-$b-wrk-$r.out" || rc=$?
+    wait "$bg" || rc=$?
+    ((rc == 0)) || die "$scen slice $r: a wrk run failed"
+    for n in "$a" "$b"; do
+        read -r "u1[$n]" "s1[$n]" < <(cpu_ticks_split "${PROXY_PID[$n]}")
+    done
+    read -r lb1 lt1 st1 < <(load_cpu_ticks)
+    for n in "$a" "$b"; do
+        kill -0 "${PROXY_PID[$n]}" 2>/dev/null || die "$n died during $scen slice $r"
+        printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n' \
+            "$scen" "$n" "$r" wrk "$((u1[$n] - u0[$n] + s1[$n] - s0[$n]))" \
+            "$(peak_rss_kib "${PROXY_PID[$n]}")" "$TMP/$scen-$n-wrk-$r.out" 0 0 \
+            "$((u1[$n] - u0[$n]))" "$((s1[$n] - s0[$n]))" "$((lb1 - lb0))" "$((lt1 - lt0))" \
+            "$((st1 - st0))" >>"$RAW"
+    done
+}
+
 median_rps() { # scenario proxy tool: median req/s of the wrk runs so far
     python3 - "$RAW" "$@" <<'PY'
 import re, statistics, sys
@@ -509,7 +556,9 @@ want plain && runs=$((runs + 5 * ROUNDS + 3 * LATENCY_ROUNDS))
 want features && runs=$((runs + 3 * ROUNDS))
 want c1000 && runs=$((runs + 3 * ROUNDS))
 want h2 && runs=$((runs + 3 * ROUNDS))
-log "about $((runs * DURATION + 14 * WARMUP)) s of load ($runs measured runs of ${DURATION}s)"
+paired_s=0
+want paired && paired_s=$((5 * PAIRED_SLICES * PAIRED_SECONDS))
+log "about $((runs * DURATION + paired_s + 19 * WARMUP)) s of load ($runs measured runs of ${DURATION}s, ${paired_s}s paired)"
 
 OHA_RATE=0
 if want plain; then
@@ -536,6 +585,18 @@ fi
 if want h2 && ((${#H2_PROXIES[@]})); then
     warmup h2 h2load "${H2_PROXIES[@]}"
     rounds h2 h2load "" -- "${H2_PROXIES[@]}"
+fi
+if want paired; then
+    # Each pair is breakwater and the proxy it is compared with; nginx and nginx-fwd are one
+    # nginx process, so they never share a slice.
+    warmup paired wrk nginx haproxy breakwater nginx-fwd bw-fwd bw-features bw-features-log
+    for ((r = 1; r <= PAIRED_SLICES; r++)); do
+        measure_pair paired-nginx "$r" breakwater nginx
+        measure_pair paired-haproxy "$r" breakwater haproxy
+        measure_pair paired-fwd "$r" bw-fwd nginx-fwd
+        measure_pair paired-features "$r" bw-features nginx
+        measure_pair paired-features-log "$r" bw-features-log nginx
+    done
 fi
 
 # ---------------------------------------------------------------------------
@@ -681,6 +742,15 @@ TITLE = {
     ("c1000", "wrk1000"): "1000 concurrent keep-alive connections (wrk)",
     ("h2", "h2load"): "HTTP/2 client side, h2c prior knowledge (h2load; upstream HTTP/1.1)",
 }
+PAIRED = [("paired-nginx", "breakwater", "nginx", "plain forwarding"),
+          ("paired-haproxy", "breakwater", "haproxy", "plain forwarding"),
+          ("paired-fwd", "bw-fwd", "nginx-fwd", "both adding forwarding headers"),
+          ("paired-features", "bw-features", "nginx", "all features on vs nginx plain"),
+          ("paired-features-log", "bw-features-log", "nginx",
+           "all features with the access log vs nginx plain")]
+for scen, a, b, what in PAIRED:
+    TITLE[(scen, "wrk")] = (f"{a} and {b} loaded at the same time on one CPU ({what}; "
+                            "req/s is each one's share)")
 out = []
 hdr = (f"{'proxy':<17}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'req/CPU-s':>11}"
        f"{'CPU s':>7}{'user us/req':>12}{'sys us/req':>11}{'RSS MiB':>9}{'errors':>8}")
@@ -792,13 +862,26 @@ if checks:
     out.append(f"targets met: {sum(checks)} of {len(checks)}")
 out.append("")
 
+if any(r["scen"].startswith("paired-") for r in rows):
+    out.append("== paired slices: req/CPU-s ratio of two proxies measured over the same seconds "
+               "(noise cancels; a cross-check of the targets above, which follow the issue's "
+               "interleaved method)")
+    for scen, a, b, what in PAIRED:
+        pr = per_round_ratio(scen, "wrk", a, b, "rpc")
+        if pr:
+            q = statistics.quantiles(pr, n=4) if len(pr) > 1 else [pr[0]] * 3
+            out.append(f"{scen}: {a}/{b} req/CPU-s ({what}) median {statistics.median(pr):.3f}, "
+                       f"quartiles {q[0]:.3f}-{q[2]:.3f}, range {min(pr):.3f}-{max(pr):.3f} "
+                       f"over {len(pr)} slices")
+    out.append("")
+
 out.append("== per round")
-out.append(f"{'scenario':<10}{'tool':<9}{'round':<7}{'proxy':<17}{'req/s':>10}{'requests':>10}{'p50 ms':>9}"
+out.append(f"{'scenario':<21}{'tool':<9}{'round':<7}{'proxy':<17}{'req/s':>10}{'requests':>10}{'p50 ms':>9}"
            f"{'p99 ms':>9}{'p99.9 ms':>10}{'CPU s':>7}{'req/CPU-s':>11}{'errors':>8}{'load CPU %':>11}"
            f"{'steal %':>8}")
 order = {k: i for i, k in enumerate(groups())}
 for r in sorted(rows, key=lambda r: (order[(r["scen"], r["tool"])], r["round"])):
-    out.append(f"{r['scen']:<10}{r['tool']:<9}{r['round']:<7}{r['name']:<17}{f(r['rps'], '>10.0f')}"
+    out.append(f"{r['scen']:<21}{r['tool']:<9}{r['round']:<7}{r['name']:<17}{f(r['rps'], '>10.0f')}"
                f"{r['requests']:>10d}{f(r['p50'], '>9.3f')}{f(r['p99'], '>9.3f')}{f(r['p999'], '>10.3f')}"
                f"{r['cpu_s']:>7.2f}{f(r['rpc'], '>11.0f')}{r['errors']:>8d}{f(r['load_busy'], '>11.0f')}"
                f"{f(r['steal'], '>8.1f')}")
