@@ -536,6 +536,74 @@ async fn hop_by_hop_response_headers_are_dropped_when_connection_names_no_field(
     task.abort();
 }
 
+/// The fields of a response nothing needs to read are passed on as the backend spelled them,
+/// in its order, with the proxy's own framing, `Via` and no second `Date`; a policy that
+/// removes response fields still has them removed.
+#[tokio::test]
+async fn response_fields_reach_the_client_as_the_backend_wrote_them() {
+    let (addr, task) = raw_backend(
+        b"HTTP/1.1 200 OK\r\nServer: raw/1\r\nCONNECTION: keep-alive\r\n\
+          DATE: Mon, 01 Jan 2001 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n\
+          Content-Length: 2\r\nX-Mixed-Case: A b\r\nset-cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nok",
+    )
+    .await;
+    let extra = "  forwarding:\n    removeResponseHeaders: [x-mixed-case]\n";
+    let passed = TestProxy::start(&policy("as-written", &[("app", addr)], "")).await;
+    let removed = TestProxy::start(&policy("removing", &[("app", addr)], extra)).await;
+    let request = b"GET /x HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n";
+    let raw = raw_exchange(passed.addr("as-written"), request, RAW_WAIT).await;
+    let stripped_raw = raw_exchange(removed.addr("removing"), request, RAW_WAIT).await;
+    task.abort();
+
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+    assert_eq!(body, "ok", "{raw}");
+    let lines: Vec<&str> = head.split("\r\n").collect();
+    assert_eq!(lines[0], "HTTP/1.1 200 OK", "{raw}");
+    assert_eq!(
+        lines[1..5],
+        [
+            "Server: raw/1",
+            "DATE: Mon, 01 Jan 2001 00:00:00 GMT",
+            "X-Mixed-Case: A b",
+            "set-cookie: a=1",
+        ],
+        "end-to-end fields as the backend wrote them: {raw}"
+    );
+    assert_eq!(lines[5], "Set-Cookie: b=2", "{raw}");
+    let named = |name: &str| {
+        lines[1..]
+            .iter()
+            .filter(|l| {
+                l.split_once(':')
+                    .is_some_and(|(n, _)| n.eq_ignore_ascii_case(name))
+            })
+            .count()
+    };
+    assert_eq!(named("date"), 1, "the backend's Date only: {raw}");
+    assert_eq!(named("content-length"), 1, "{raw}");
+    assert!(lines.contains(&"content-length: 2"), "{raw}");
+    assert_eq!(named("keep-alive"), 0, "hop-by-hop field relayed: {raw}");
+    assert!(lines.contains(&"via: 1.1 breakwater"), "{raw}");
+    assert!(
+        lines.contains(&"connection: close"),
+        "the proxy's own Connection only: {raw}"
+    );
+    assert_eq!(named("connection"), 1, "{raw}");
+
+    let (head, body) = stripped_raw
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    assert_eq!(body, "ok", "{stripped_raw}");
+    assert!(
+        !head.to_ascii_lowercase().contains("x-mixed-case"),
+        "removeResponseHeaders still applies: {stripped_raw}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("server: raw/1"),
+        "{stripped_raw}"
+    );
+}
+
 #[tokio::test]
 async fn configured_header_removals_apply_in_both_directions() {
     let handler: Handler = Arc::new(|_req: Request<Incoming>| {

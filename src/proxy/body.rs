@@ -11,7 +11,9 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::conn::ActiveRequest;
+use super::h1::EncodedFields;
 use super::pool::{PoolReturn, UpstreamBody, UpstreamError};
+use super::server::CarriesEncodedFields;
 use crate::cache::{LeaderGuard, PendingEntry};
 use crate::endpoint::InFlightGuard;
 use crate::snapshot::ConcurrencySlot;
@@ -257,6 +259,18 @@ pin_project! {
             idle: Duration,
             last_progress: Instant,
         },
+    }
+}
+
+impl CarriesEncodedFields for ResponseBody {
+    fn take_encoded_fields(&mut self) -> Option<EncodedFields> {
+        match &mut self.kind {
+            Kind::Upstream {
+                inner: UpstreamBody::H1(body),
+                ..
+            } => body.take_encoded_fields(),
+            _ => None,
+        }
     }
 }
 

@@ -289,6 +289,8 @@ async fn send<'p>(
         AttemptBody::Replayable(Bytes::new()),
         authority,
         None,
+        // The cache stores the response's fields from its map.
+        false,
         // The fetch's own start: a follower may have waited on its leader before this.
         Instant::now(),
     )

@@ -26,9 +26,11 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
 use super::headers::{
-    HOP_CONNECTION, HOP_TRANSFER_ENCODING, PendingFields, hop_by_hop_index, parse_content_length,
+    HOP_CONNECTION, HOP_TRANSFER_ENCODING, PendingFields, hop_by_hop_index, hop_by_hop_index_raw,
+    parse_content_length,
 };
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
+use super::server::{borrow_buffer, return_buffer};
 use crate::ascii::push_decimal;
 
 /// Most header fields accepted in a response head (hyper's default too).
@@ -163,6 +165,9 @@ impl H1Conn {
     /// header map, once written out, is taken over (cleared) for the response's fields instead
     /// of allocating another. The connection travels on inside the response body, which returns
     /// it to `pool` once the body has been read to its end on a connection that stays open.
+    /// With `encode_fields` the response's end-to-end fields may come encoded for the client
+    /// rather than in its map (see [`EncodedFields`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         mut self: Box<Self>,
         pool: &Arc<EndpointPool>,
@@ -170,6 +175,7 @@ impl H1Conn {
         pending: Option<&PendingFields>,
         body: &Bytes,
         reuse_head_map: bool,
+        encode_fields: bool,
         deadline: Option<Instant>,
     ) -> Result<Response<H1Body>, H1SendError> {
         let is_head = head.method == Method::HEAD;
@@ -215,7 +221,8 @@ impl H1Conn {
         } else {
             HeaderMap::new()
         };
-        self.read_response(pool, is_head, headers, timed).await
+        self.read_response(pool, is_head, headers, encode_fields, timed)
+            .await
     }
 
     async fn read_response(
@@ -223,12 +230,17 @@ impl H1Conn {
         pool: &Arc<EndpointPool>,
         is_head: bool,
         mut headers: HeaderMap,
+        encode_fields: bool,
         timed: bool,
     ) -> Result<Response<H1Body>, H1SendError> {
         loop {
-            if let Some(head) = parse_head(&mut self.read, &mut self.fields, &mut headers)
-                .map_err(H1SendError::Failed)?
-            {
+            let parsed = parse_head(
+                &mut self.read,
+                &mut self.fields,
+                &mut headers,
+                encode_fields && !is_head,
+            );
+            if let Some(head) = parsed.map_err(H1SendError::Failed)? {
                 let status = head.status.as_u16();
                 // Interim responses (100 Continue, 103 Early Hints) are not forwarded; 101 is
                 // final: the connection now speaks another protocol and is never reused.
@@ -238,6 +250,7 @@ impl H1Conn {
                     continue;
                 }
                 let (framing, keep_alive) = framing(&head, is_head).map_err(H1SendError::Failed)?;
+                let encoded = head.encoded;
                 let mut response = Response::new(());
                 *response.status_mut() = head.status;
                 *response.version_mut() = head.version;
@@ -245,6 +258,7 @@ impl H1Conn {
                 let reusable = keep_alive && framing != Framing::UntilClose && status != 101;
                 let mut body = H1Body::new(self, Arc::clone(pool), framing, reusable);
                 body.hop_by_hop_stripped = head.hop.stripped;
+                body.encoded = encoded;
                 return Ok(response.map(|()| body));
             }
             if self.read.len() >= MAX_HEAD_BYTES {
@@ -374,20 +388,48 @@ fn encode_request(
     out.extend_from_slice(b"\r\n");
 }
 
+/// A response head's end-to-end fields encoded for the client, as the backend sent them (names
+/// in their own letter case), without the hop-by-hop fields and `Content-Length` (the direct
+/// server frames the body itself). The direct server writes them behind its status line, so a
+/// response nothing reads the fields of skips building a header map only to encode it again:
+/// per field a name look-up, a shared slice of the head (two atomic operations) and a hash
+/// insertion.
+#[derive(Debug)]
+pub struct EncodedFields {
+    /// `name: value\r\n` for each field, in the order received.
+    pub lines: Vec<u8>,
+    /// Whether a `Date` field is among them.
+    pub has_date: bool,
+}
+
+impl EncodedFields {
+    /// Gives the buffer back to this thread's spares.
+    pub fn recycle(self) {
+        return_buffer(self.lines);
+    }
+}
+
 struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
     hop: HopFields,
+    /// The fields, when they were encoded rather than put in `headers` (left empty).
+    encoded: Option<EncodedFields>,
 }
 
 /// Parses one response head off the front of `buf`; `None` while it is incomplete. The fields go
 /// into `spare`, an empty map whose allocations the head takes over (an interim response hands
-/// back an empty map with them).
+/// back an empty map with them). With `encode`, a response that has a body, does not name fields
+/// in `Connection`, does not switch protocols and is not a 429 or 503 gets its fields as
+/// [`EncodedFields`] instead. Answers without a body of their own (204, 304, and any answer to
+/// `HEAD`, for which the caller leaves `encode` off) keep the map: the direct server passes on
+/// the `Content-Length` they may carry.
 fn parse_head(
     buf: &mut BytesMut,
     fields: &mut Vec<FieldOffsets>,
     spare: &mut HeaderMap,
+    encode: bool,
 ) -> Result<Option<Head>, H1Error> {
     // Offsets into `buf`: names and values become slices of the head once it is split off.
     fields.clear();
@@ -428,6 +470,45 @@ fn parse_head(
     } else {
         Version::HTTP_11
     };
+    // 429 and 503 answers may carry a `Retry-After` a retry decision reads from the map.
+    if encode && !matches!(code, 100..=199 | 204 | 304 | 429 | 503) {
+        let mut hop = HopFields::default();
+        let mut lines = borrow_buffer();
+        lines.reserve(head.len());
+        let mut has_date = false;
+        for &[name_start, name_end, value_start, value_end] in fields.iter() {
+            // httparse checked the bytes against the same rules as `HeaderName` and
+            // `HeaderValue`: a token for the name, no control characters but tab in the value.
+            let name = &head[name_start..name_end];
+            let value = &head[value_start..value_end];
+            match hop_by_hop_index_raw(name) {
+                None if name.eq_ignore_ascii_case(b"content-length") => {
+                    hop.note_content_length(value);
+                }
+                None => {
+                    has_date |= name.eq_ignore_ascii_case(b"date");
+                    lines.extend_from_slice(name);
+                    lines.extend_from_slice(b": ");
+                    lines.extend_from_slice(value);
+                    lines.extend_from_slice(b"\r\n");
+                }
+                Some(HOP_CONNECTION) => hop.note_connection(value),
+                Some(HOP_TRANSFER_ENCODING) => hop.note_transfer_encoding(value),
+                Some(_) => {}
+            }
+        }
+        if !hop.connection_names_fields {
+            return Ok(Some(Head {
+                status,
+                version,
+                headers: std::mem::take(spare),
+                hop,
+                encoded: Some(EncodedFields { lines, has_date }),
+            }));
+        }
+        // The fields `Connection` names must go too: the map and the general stripping decide.
+        return_buffer(lines);
+    }
     // One more for the `Via` the proxy appends on the way back.
     let mut headers = std::mem::take(spare);
     headers.reserve(fields.len() + 1);
@@ -438,6 +519,9 @@ fn parse_head(
         // they never enter the map the client will see (no insertion now, no removal later).
         match hop_by_hop_index(&name) {
             None => {
+                if name == header::CONTENT_LENGTH {
+                    hop.note_content_length(value.as_bytes());
+                }
                 headers.append(name, value);
             }
             Some(HOP_CONNECTION) => hop.note_connection(value.as_bytes()),
@@ -460,6 +544,7 @@ fn parse_head(
         version,
         headers,
         hop,
+        encoded: None,
     }))
 }
 
@@ -489,6 +574,12 @@ struct HopFields {
     /// Every hop-by-hop field was left out of the map (false: the map has them all, and
     /// the general stripping must run).
     stripped: bool,
+    /// A `Content-Length` field is present.
+    has_length: bool,
+    /// The one length its values agree on.
+    length: Option<u64>,
+    /// Why its values are unusable: one is not a number, or two differ.
+    length_error: Option<&'static str>,
 }
 
 impl Default for HopFields {
@@ -500,6 +591,9 @@ impl Default for HopFields {
             transfer_encoding: false,
             chunked_last: false,
             stripped: true,
+            has_length: false,
+            length: None,
+            length_error: None,
         }
     }
 }
@@ -517,6 +611,24 @@ impl HopFields {
         }
     }
 
+    fn note_content_length(&mut self, value: &[u8]) {
+        self.has_length = true;
+        if self.length_error.is_some() {
+            return;
+        }
+        for part in value.split(|b| *b == b',') {
+            let Some(n) = parse_content_length(part) else {
+                self.length_error = Some("invalid content-length");
+                return;
+            };
+            if self.length.is_some_and(|l| l != n) {
+                self.length_error = Some("conflicting content-length values");
+                return;
+            }
+            self.length = Some(n);
+        }
+    }
+
     fn note_transfer_encoding(&mut self, value: &[u8]) {
         self.transfer_encoding = true;
         self.chunked_last = value
@@ -528,7 +640,6 @@ impl HopFields {
 
 /// The body's framing (RFC 9112 §6.3) and whether the connection may carry another request.
 fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Error> {
-    let headers = &head.headers;
     let hop = &head.hop;
     let mut keep_alive = if head.version == Version::HTTP_11 {
         !hop.close
@@ -541,7 +652,7 @@ fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Erro
     }
     if hop.transfer_encoding {
         // Both framings present is a smuggling vector: honour Transfer-Encoding, never reuse.
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if hop.has_length {
             keep_alive = false;
         }
         return Ok((
@@ -553,19 +664,11 @@ fn framing(head: &Head, is_head_request: bool) -> Result<(Framing, bool), H1Erro
             keep_alive,
         ));
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let n =
-                parse_content_length(part).ok_or(H1Error::Malformed("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Malformed("conflicting content-length values"));
-            }
-            length = Some(n);
-        }
+    if let Some(error) = hop.length_error {
+        return Err(H1Error::Malformed(error));
     }
     Ok((
-        length.map_or(Framing::UntilClose, Framing::Length),
+        hop.length.map_or(Framing::UntilClose, Framing::Length),
         keep_alive,
     ))
 }
@@ -595,6 +698,8 @@ pub struct H1Body {
     reusable: bool,
     /// The response's map was built without its hop-by-hop fields.
     hop_by_hop_stripped: bool,
+    /// The response's fields, when they came encoded rather than in its map.
+    encoded: Option<EncodedFields>,
 }
 
 impl std::fmt::Debug for H1Body {
@@ -629,6 +734,7 @@ impl H1Body {
             state,
             reusable,
             hop_by_hop_stripped: false,
+            encoded: None,
         };
         if matches!(body.state, BodyState::Done) {
             // A body that is already over may never be polled: hand the connection back now.
@@ -641,6 +747,12 @@ impl H1Body {
     /// were noted and left out as it was parsed, so stripping them again can be skipped.
     pub fn hop_by_hop_stripped(&self) -> bool {
         self.hop_by_hop_stripped
+    }
+
+    /// The response's end-to-end fields, when they came encoded for the client rather than in
+    /// its map (which then holds only what the proxy added).
+    pub fn take_encoded_fields(&mut self) -> Option<EncodedFields> {
+        self.encoded.take()
     }
 
     /// The body ended: the connection goes back to its pool if it can carry another request.
@@ -1050,6 +1162,120 @@ mod tests {
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// Parses `raw` as one complete response head, its fields encoded for the client if `encode`.
+    fn parse(raw: &[u8], encode: bool) -> Head {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, &mut Vec::new(), &mut HeaderMap::new(), encode)
+            .expect("a valid head")
+            .expect("a complete head")
+    }
+
+    fn framing_of(head: &Head) -> Result<(Framing, bool), String> {
+        framing(head, false).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn encoded_fields_keep_the_backends_spelling_and_order_without_hop_by_hop_or_length() {
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nServer: raw/1\r\nCONNECTION: keep-alive\r\n\
+              DATE: Mon, 01 Jan 2001 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n\
+              Content-Length: 2\r\nX-Mixed-Case:  a b \r\nX-Empty:\r\nproxy-connection: x\r\n\r\nok",
+            true,
+        );
+        let encoded = head.encoded.as_ref().expect("fields encoded");
+        assert_eq!(
+            String::from_utf8_lossy(&encoded.lines),
+            "Server: raw/1\r\nDATE: Mon, 01 Jan 2001 00:00:00 GMT\r\nX-Mixed-Case: a b\r\n\
+             X-Empty: \r\n"
+        );
+        assert!(encoded.has_date, "the backend's Date is noted");
+        assert!(head.headers.is_empty(), "nothing goes into the map");
+        assert_eq!(framing_of(&head), Ok((Framing::Length(2), true)));
+
+        // Bare LF line ends (which httparse accepts) go out as CRLF.
+        let head = parse(b"HTTP/1.1 200 OK\nServer: x\nContent-Length: 0\n\n", true);
+        let encoded = head.encoded.as_ref().expect("fields encoded");
+        assert_eq!(encoded.lines, b"Server: x\r\n");
+        assert!(!encoded.has_date);
+
+        // Both framings: the length is left out (Transfer-Encoding decides) and the
+        // connection is not reused.
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n",
+            true,
+        );
+        assert_eq!(head.encoded.as_ref().expect("encoded").lines, b"X-A: 1\r\n");
+        assert_eq!(framing_of(&head), Ok((Framing::Chunked, false)));
+    }
+
+    #[test]
+    fn fields_go_into_the_map_when_they_cannot_be_passed_on_as_they_are() {
+        for raw in [
+            // `Connection` names a field, which must go too.
+            &b"HTTP/1.1 200 OK\r\nConnection: x-internal\r\nX-Internal: 1\r\nContent-Length: 0\r\n\r\n"[..],
+            // No body of their own, but a Content-Length the client may need.
+            b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+            // Interim answers and protocol switches.
+            b"HTTP/1.1 100 Continue\r\nX-A: 1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            // Their Retry-After may decide a retry.
+            b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 429 Slow Down\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let head = parse(raw, true);
+            assert!(
+                head.encoded.is_none(),
+                "{} should have been put in the map",
+                String::from_utf8_lossy(raw)
+            );
+            assert!(!head.headers.is_empty(), "{}", String::from_utf8_lossy(raw));
+        }
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", false)
+                .encoded
+                .is_none()
+        );
+    }
+
+    /// Encoding changes where the fields go, never what reaches the client or how the body is
+    /// framed: the encoded lines hold what the map holds minus `Content-Length`, in order, and
+    /// framing (and its errors) come out the same.
+    #[test]
+    fn encoded_and_mapped_heads_agree_on_fields_and_framing() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 3\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 502 Bad\r\nX-Why: 1\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\n",
+        ] {
+            let text = String::from_utf8_lossy(raw);
+            let encoded = parse(raw, true);
+            let mapped = parse(raw, false);
+            assert_eq!(framing_of(&encoded), framing_of(&mapped), "{text}");
+            let mut expected = Vec::new();
+            for (name, value) in &mapped.headers {
+                if name != header::CONTENT_LENGTH {
+                    expected.push(format!(
+                        "{name}: {}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    ));
+                }
+            }
+            let lines = &encoded.encoded.as_ref().expect("encoded").lines;
+            let got: Vec<String> = String::from_utf8_lossy(lines)
+                .split_terminator("\r\n")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let expected: Vec<String> = expected.iter().map(|l| l.to_ascii_lowercase()).collect();
+            assert_eq!(got, expected, "{text}");
+        }
+    }
+
     #[tokio::test]
     async fn malformed_responses_are_protocol_errors() {
         for response in [
@@ -1158,7 +1384,7 @@ mod tests {
         let mut body = Some(body);
         // Not kept (`keep_head` false): a request that never left is whole all the same.
         match conn
-            .send_parts(&pool, &mut head, &mut None, &mut body, false, None)
+            .send_parts(&pool, &mut head, &mut None, &mut body, false, false, None)
             .await
         {
             Err(SendError::NotSent(err)) => {
@@ -1192,6 +1418,7 @@ mod tests {
                 &mut head,
                 &mut None,
                 &mut Some(body),
+                false,
                 false,
                 Some(deadline),
             )

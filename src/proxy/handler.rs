@@ -249,6 +249,11 @@ fn forward<'p>(
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (parts, body) = req.into_parts();
+        // Only the direct server reads a body with the head, and only it writes encoded fields
+        // (hyper's server takes the map); nothing here reads or removes a response field unless
+        // the policy removes some.
+        let encode_fields = matches!(body, ClientBody::Buffered(_))
+            && config.forwarding.remove_response_headers.is_empty();
         // What a successful unsafe request must invalidate in the cache afterwards.
         let mut invalidate = None;
         if let Some(cache) = &policy.cache {
@@ -294,6 +299,7 @@ fn forward<'p>(
             body,
             authority,
             client_upgrade,
+            encode_fields,
             started,
         )
         .await;
@@ -331,7 +337,9 @@ async fn streaming_body(
     })
 }
 
-/// Sends a request through the balancer, breakers and retries; streams the response back.
+/// Sends a request through the balancer, breakers and retries; streams the response back. With
+/// `encode_fields` the response may keep its end-to-end fields encoded for the direct server
+/// (`h1::EncodedFields`) rather than in its map.
 // An `async move` block rather than an `async fn`: an `async fn` moves its arguments into
 // locals, so its future holds each of them twice; the block uses its captures in place. The
 // arguments are the request's parts as `forward` has split them: a struct would only be
@@ -345,6 +353,7 @@ pub(super) fn dispatch<'p>(
     mut body: AttemptBody,
     authority: Option<Authority>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    encode_fields: bool,
     started: Instant,
 ) -> impl std::future::Future<Output = (Response<ResponseBody>, Outcome<'p>)> {
     async move {
@@ -480,6 +489,7 @@ pub(super) fn dispatch<'p>(
                     &mut pending,
                     &mut attempt_body,
                     keep_head,
+                    encode_fields,
                     AttemptDeadline {
                         started: now,
                         at: now + attempt_timeout,
@@ -896,6 +906,7 @@ const MAX_STALE_CONNECTIONS: usize = 3;
 /// pooled connection was already closed) is resent on another connection, whatever its method.
 /// On failure, `true` says the request never left: it is still whole in `head` and `body`.
 /// Past `deadline.at` the attempt fails with `deadline.error` (as possibly sent).
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
@@ -903,6 +914,7 @@ async fn exchange(
     pending: &mut Option<PendingFields>,
     body: &mut Option<RequestBody>,
     keep_head: bool,
+    encode_fields: bool,
     deadline: AttemptDeadline,
 ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), (ProxyError, bool)> {
     let overload = &policy.config.overload;
@@ -960,6 +972,7 @@ async fn exchange(
                 pending,
                 body,
                 keep_head,
+                encode_fields,
                 Some(deadline.at),
             )
             .await

@@ -289,7 +289,23 @@ fn is_connection_option(token: &[u8], keep_upgrade: bool) -> bool {
 /// message).
 pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     let name = name.as_str();
-    let candidates: &[usize] = match name.len() {
+    hop_by_hop_candidates(name.len())
+        .iter()
+        .copied()
+        .find(|&i| HOP_BY_HOP[i].as_str() == name)
+}
+
+/// [`hop_by_hop_index`] for a field name as it came off the wire, in any letter case.
+pub(crate) fn hop_by_hop_index_raw(name: &[u8]) -> Option<usize> {
+    hop_by_hop_candidates(name.len())
+        .iter()
+        .copied()
+        .find(|&i| HOP_BY_HOP[i].as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// The entries of [`HOP_BY_HOP`] whose names are `len` bytes long.
+fn hop_by_hop_candidates(len: usize) -> &'static [usize] {
+    match len {
         10 => &[0, 1],
         16 => &[2],
         19 => &[3],
@@ -297,12 +313,8 @@ pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         2 => &[5],
         7 => &[6, 8],
         17 => &[7],
-        _ => return None,
-    };
-    candidates
-        .iter()
-        .copied()
-        .find(|&i| HOP_BY_HOP[i].as_str() == name)
+        _ => &[],
+    }
 }
 
 /// Rewrites a request's headers for forwarding. The forwarding fields an untrusted client
@@ -1022,6 +1034,16 @@ mod tests {
         for other in ["content-type", "x-keep-alive", "connections", "tee", "host"] {
             let name = HeaderName::from_static(other);
             assert_eq!(hop_by_hop_index(&name), None, "{other}");
+            assert_eq!(hop_by_hop_index_raw(other.as_bytes()), None, "{other}");
+        }
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(hop_by_hop_index_raw(upper.as_bytes()), Some(i), "{upper}");
+            assert_eq!(
+                hop_by_hop_index_raw(name.as_str().as_bytes()),
+                Some(i),
+                "{name}"
+            );
         }
     }
 }

@@ -444,8 +444,16 @@ impl Conn {
         req: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
         let (mut head, body) = req.into_parts();
-        self.send_parts(pool, &mut head, &mut None, &mut Some(body), false, None)
-            .await
+        self.send_parts(
+            pool,
+            &mut head,
+            &mut None,
+            &mut Some(body),
+            false,
+            false,
+            None,
+        )
+        .await
     }
 
     /// Sends the request `head`, plus the fields `pending` sets aside, with the body in `body`.
@@ -454,7 +462,9 @@ impl Conn {
     /// header map is taken over for the response's fields. hyper's clients take the request
     /// whole: the head is copied (with `pending` inserted) when `keep_head`, else moved out
     /// (taking `pending` into it). A request that was not sent ([`SendError::NotSent`]) is left
-    /// whole in `head`, `pending` and `body`.
+    /// whole in `head`, `pending` and `body`. With `encode_fields`, the direct client may
+    /// hand the response's fields over encoded for the client (see `h1::EncodedFields`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send_parts(
         self,
         pool: &Arc<EndpointPool>,
@@ -462,6 +472,7 @@ impl Conn {
         pending: &mut Option<PendingFields>,
         body: &mut Option<RequestBody>,
         keep_head: bool,
+        encode_fields: bool,
         deadline: Option<Instant>,
     ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), SendError> {
         match self.sender {
@@ -473,7 +484,15 @@ impl Conn {
                 };
                 // The direct client keeps its timer with the connection (see `H1Conn::arm`).
                 match conn
-                    .send(pool, head, pending.as_ref(), &bytes, !keep_head, deadline)
+                    .send(
+                        pool,
+                        head,
+                        pending.as_ref(),
+                        &bytes,
+                        !keep_head,
+                        encode_fields,
+                        deadline,
+                    )
                     .await
                 {
                     Ok(resp) => Ok((resp.map(UpstreamBody::H1), None)),

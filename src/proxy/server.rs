@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ClientBody;
+use super::h1::EncodedFields;
 use super::headers::{list_has_token, parse_content_length};
 use crate::ascii::{push_decimal, push_hex};
 
@@ -92,12 +93,12 @@ fn keep_spare<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>, limit: usi
 }
 
 /// A response buffer from this thread's spares, or a new (unallocated) one.
-fn borrow_buffer() -> Vec<u8> {
+pub(super) fn borrow_buffer() -> Vec<u8> {
     take_spare(&SPARE_BUFFERS).unwrap_or_default()
 }
 
 /// Gives a response buffer back to this thread's spares (or frees it when they are full).
-fn return_buffer(mut buffer: Vec<u8>) {
+pub(super) fn return_buffer(mut buffer: Vec<u8>) {
     if buffer.capacity() == 0 || buffer.capacity() > MAX_SPARE_CAPACITY {
         return;
     }
@@ -167,6 +168,16 @@ pub enum Ended {
     },
 }
 
+/// A response body that may carry its head's end-to-end fields already encoded, for the
+/// direct server to write as they are (see [`EncodedFields`]).
+pub trait CarriesEncodedFields {
+    /// The encoded fields, if the body carries them; they belong in the head before any field
+    /// of the response's own map.
+    fn take_encoded_fields(&mut self) -> Option<EncodedFields> {
+        None
+    }
+}
+
 /// Serves HTTP/1.1 requests on `stream` through `service` until the connection ends or a request
 /// needs hyper. `stop` drains: an idle connection closes at once, a busy one after its response
 /// (which then says `Connection: close`).
@@ -179,7 +190,7 @@ pub async fn serve<S, F, B>(
 where
     S: FnMut(Request<ClientBody>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + CarriesEncodedFields,
 {
     let mut read = BytesMut::new();
     let mut write = Vec::new();
@@ -518,9 +529,10 @@ async fn write_response<B>(
     close: bool,
 ) -> io::Result<bool>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + CarriesEncodedFields,
 {
-    let (mut parts, body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
+    let encoded = body.take_encoded_fields();
     let status = parts.status;
     let bodiless = is_head
         || status.is_informational()
@@ -537,8 +549,18 @@ where
     };
     out.clear();
     // Enough for the usual head, so it is not grown field by field.
-    out.reserve(256 + 64 * parts.headers.len());
-    let close = encode_head(out, status, &parts.headers, framing, close);
+    out.reserve(256 + 64 * parts.headers.len() + encoded.as_ref().map_or(0, |e| e.lines.len()));
+    let close = encode_head(
+        out,
+        status,
+        encoded.as_ref(),
+        &parts.headers,
+        framing,
+        close,
+    );
+    if let Some(encoded) = encoded {
+        encoded.recycle();
+    }
     // Written out: the map (and the upstream head its values point into) is done with.
     return_header_map(std::mem::take(&mut parts.headers));
     let mut body = pin!(body);
@@ -630,11 +652,14 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .then_some(first)
 }
 
-/// Writes the status line and header section; returns whether the connection closes after
-/// this response (asked by `close`, or by a `Connection: close` the response carries).
+/// Writes the status line and header section, `encoded` fields (written as they are: they
+/// carry no framing or `Connection` field) before those of `headers`; returns whether the
+/// connection closes after this response (asked by `close`, or by a `Connection: close` the
+/// response carries).
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
+    encoded: Option<&EncodedFields>,
     headers: &HeaderMap,
     framing: Framing,
     mut close: bool,
@@ -649,6 +674,10 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     let mut has_date = false;
+    if let Some(encoded) = encoded {
+        out.extend_from_slice(&encoded.lines);
+        has_date = encoded.has_date;
+    }
     let mut says_close = false;
     for (name, value) in headers {
         // Framing is this connection's own; a HEAD response keeps the length a GET would have.
@@ -751,6 +780,9 @@ mod tests {
         }
     }
 
+    impl CarriesEncodedFields for Frames {}
+    impl CarriesEncodedFields for Full<Bytes> {}
+
     impl Body for Frames {
         type Data = Bytes;
         type Error = io::Error;
@@ -778,7 +810,7 @@ mod tests {
     where
         S: FnMut(Request<ClientBody>) -> F + Send + 'static,
         F: Future<Output = Response<B>> + Send,
-        B: Body<Data = Bytes> + Send,
+        B: Body<Data = Bytes> + CarriesEncodedFields + Send,
         B::Error: Send,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
