@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::body::ClientBody;
 use super::h1::EncodedFields;
 use super::headers::{list_has_token, parse_content_length};
+use super::send::send_all;
 use crate::ascii::{push_decimal, push_hex};
 
 /// Most header fields accepted in a request head (hyper's default too).
@@ -566,7 +567,7 @@ where
     let mut body = pin!(body);
     let expected = match framing {
         Framing::None => {
-            stream.write_all(out).await?;
+            send_all(stream, out).await?;
             // The body is dropped unread: for these responses there is none to send.
             return Ok(!close);
         }
@@ -581,7 +582,7 @@ where
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 if !out.is_empty() {
-                    stream.write_all(out).await?;
+                    send_all(stream, out).await?;
                     out.clear();
                 }
                 poll_fn(|cx| body.as_mut().poll_frame(cx)).await
@@ -611,10 +612,10 @@ where
         }
         if data.len() >= COPY_LIMIT {
             if !out.is_empty() {
-                stream.write_all(out).await?;
+                send_all(stream, out).await?;
                 out.clear();
             }
-            stream.write_all(&data).await?;
+            send_all(stream, &data).await?;
         } else {
             out.extend_from_slice(&data);
         }
@@ -622,14 +623,14 @@ where
             out.extend_from_slice(b"\r\n");
         }
         if out.len() >= WRITE_GATHER {
-            stream.write_all(out).await?;
+            send_all(stream, out).await?;
             out.clear();
         }
     }
     match expected {
         Some(n) if sent < n => {
             if !out.is_empty() {
-                stream.write_all(out).await?;
+                send_all(stream, out).await?;
             }
             return Err(io::Error::other("response body shorter than its length"));
         }
@@ -637,7 +638,7 @@ where
         None => out.extend_from_slice(b"0\r\n\r\n"),
     }
     if !out.is_empty() {
-        stream.write_all(out).await?;
+        send_all(stream, out).await?;
         out.clear();
     }
     Ok(!close)
