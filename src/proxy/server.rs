@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
+use smallvec::SmallVec;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -414,9 +415,8 @@ const BAD_REQUEST: &[u8] =
 /// untouched — when it is not one this path serves.
 fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
     // Offsets into `read`: the head is split off once parsing is done and its fields become
-    // slices of it.
-    let mut fields = [[0usize; 4]; MAX_HEADERS];
-    let mut field_count = 0;
+    // slices of it. Uninitialised until pushed: a zeroed array of 100 was 200 stores a request.
+    let mut fields: SmallVec<[[usize; 4]; MAX_HEADERS]> = SmallVec::new();
     let mut content_length = None;
     let mut close = false;
     let (len, method, target) = {
@@ -464,13 +464,12 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
             }
             let name_at = h.name.as_ptr() as usize - base;
             let value_at = h.value.as_ptr() as usize - base;
-            fields[field_count] = [
+            fields.push([
                 name_at,
                 name_at + h.name.len(),
                 value_at,
                 value_at + h.value.len(),
-            ];
-            field_count += 1;
+            ]);
         }
         let target_at = path.as_ptr() as usize - base;
         (len, method, target_at..target_at + path.len())
@@ -492,8 +491,8 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
         return Some(Parsed::Invalid);
     };
     // Room for the forwarding headers the proxy adds, so the map is not grown per request.
-    let mut headers = borrow_header_map(field_count + ADDED_REQUEST_HEADERS);
-    for &[name_start, name_end, value_start, value_end] in &fields[..field_count] {
+    let mut headers = borrow_header_map(fields.len() + ADDED_REQUEST_HEADERS);
+    for &[name_start, name_end, value_start, value_end] in &fields {
         // httparse has checked names are tokens and values hold no control bytes, so these
         // conversions agree with it; a disagreement is still answered, never unwrapped.
         let (Ok(name), Ok(value)) = (
