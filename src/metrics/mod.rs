@@ -3,12 +3,15 @@
 //! Never the process-global default registry: parallel tests (and several proxies in one
 //! process) must not collide.
 
-use std::sync::OnceLock;
+mod histogram;
+
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+pub use histogram::{HistogramFamily, ShardedHistogram};
 
 /// Latency buckets in seconds, from sub-millisecond loopback hops to the default 15 s request timeout.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -24,9 +27,9 @@ pub struct Metrics {
     /// Requests answered, by policy, backend (`none` when no endpoint was chosen) and status code.
     pub requests: IntCounterVec,
     /// Time from request arrival to response headers, by policy and backend.
-    pub request_duration: HistogramVec,
+    pub request_duration: HistogramFamily,
     /// Time from sending one attempt to its response headers, by policy and backend.
-    pub upstream_duration: HistogramVec,
+    pub upstream_duration: HistogramFamily,
     /// Failed requests by policy and cause (the same cause as the `x-breakwater-error` header).
     pub errors: IntCounterVec,
     /// 1 when an endpoint is considered healthy, by policy, backend and endpoint.
@@ -103,11 +106,8 @@ impl Metrics {
                 Ok(g)
             };
         let histogram_vec =
-            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, MetricsError> {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                    labels,
-                )?;
+            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramFamily, MetricsError> {
+                let h = HistogramFamily::new(name, help, labels, LATENCY_BUCKETS)?;
                 registry.register(Box::new(h.clone()))?;
                 Ok(h)
             };
@@ -350,9 +350,9 @@ pub struct BackendMetrics {
     requests: IntCounterVec,
     by_code: Box<[OnceLock<IntCounter>]>,
     /// Request duration for this backend.
-    pub request_duration: Histogram,
+    pub request_duration: Arc<ShardedHistogram>,
     /// Upstream attempt duration for this backend (`None` for the `none` pseudo-backend).
-    pub upstream_duration: Option<Histogram>,
+    pub upstream_duration: Option<Arc<ShardedHistogram>>,
 }
 
 impl BackendMetrics {
