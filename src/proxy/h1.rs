@@ -87,16 +87,55 @@ pub struct H1Conn {
     /// Where each header field of the response head being parsed sits in `read`; kept across
     /// requests so parsing allocates and zeroes nothing.
     fields: Vec<FieldOffsets>,
-    /// The deadline of the request in flight, kept from one request to the next: moving a
-    /// registered tokio timer's deadline later only stores it (the wheel re-files the entry
-    /// lazily, when the old deadline comes), where a fresh timer per request takes the wheel's
-    /// lock twice, to insert and to remove, and a handful of atomic operations.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// The deadline of the request in flight, kept from one request to the next (see
+    /// [`ConnTimer`]).
+    timer: Option<ConnTimer>,
     _open: OpenGuard,
 }
 
 /// Name start, name end, value start, value end.
 type FieldOffsets = [usize; 4];
+
+/// A connection's timer, kept from one request to the next. A fresh tokio timer per request
+/// takes the timer wheel's lock twice (to insert and to remove) and a handful of atomic
+/// operations; even moving a registered one (`Sleep::reset`) costs three. Deadlines mostly
+/// only move later, so a later one is just noted: the timer goes off at the earlier instant it
+/// was set to, sees the deadline has moved, and is set again then, once per timeout period
+/// rather than once per request.
+struct ConnTimer {
+    sleep: Pin<Box<Sleep>>,
+    /// The deadline in force; the sleep is set to it or to an earlier instant.
+    deadline: Instant,
+}
+
+impl ConnTimer {
+    fn new(deadline: Instant) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
+        }
+    }
+
+    /// Makes `deadline` the one in force.
+    fn set(&mut self, deadline: Instant) {
+        if deadline < self.sleep.deadline() {
+            self.sleep.as_mut().reset(deadline);
+        }
+        self.deadline = deadline;
+    }
+
+    /// Ready once the deadline in force has passed.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.sleep.as_mut().poll(cx));
+            if self.sleep.deadline() >= self.deadline {
+                return Poll::Ready(());
+            }
+            // Went off at an earlier request's deadline: wait for this one's.
+            self.sleep.as_mut().reset(self.deadline);
+        }
+    }
+}
 
 /// How the response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,12 +162,8 @@ impl H1Conn {
     /// the socket is not ready, so an exchange that never waits costs no timer work at all.
     fn arm(&mut self, deadline: Instant) {
         match &mut self.timer {
-            Some(timer) => {
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-            }
-            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            Some(timer) => timer.set(deadline),
+            None => self.timer = Some(ConnTimer::new(deadline)),
         }
     }
 
@@ -287,7 +322,7 @@ impl H1Conn {
 /// has passed. The timer is polled only after `op`, so a socket that is ready costs no timer
 /// work.
 fn poll_timed<T>(
-    timer: Option<&mut Pin<Box<Sleep>>>,
+    timer: Option<&mut ConnTimer>,
     cx: &mut Context<'_>,
     op: Poll<T>,
 ) -> Poll<Option<T>> {
@@ -295,7 +330,7 @@ fn poll_timed<T>(
         return Poll::Ready(Some(value));
     }
     match timer {
-        Some(timer) => timer.as_mut().poll(cx).map(|()| None),
+        Some(timer) => timer.poll(cx).map(|()| None),
         None => Poll::Pending,
     }
 }
@@ -313,7 +348,7 @@ fn step_sent(step: Option<io::Result<()>>, first: bool) -> Result<(), H1SendErro
 
 /// The connection's timer when this exchange has a deadline (an earlier request's timer,
 /// still set to its deadline, must not cut one that has none).
-fn timer_if(timer: &mut Option<Pin<Box<Sleep>>>, timed: bool) -> Option<&mut Pin<Box<Sleep>>> {
+fn timer_if(timer: &mut Option<ConnTimer>, timed: bool) -> Option<&mut ConnTimer> {
     if timed { timer.as_mut() } else { None }
 }
 
@@ -321,7 +356,7 @@ fn timer_if(timer: &mut Option<Pin<Box<Sleep>>>, timed: bool) -> Option<&mut Pin
 /// `once`); `None` once the deadline has passed.
 async fn write_timed(
     io: &mut MaybeTls,
-    mut timer: Option<&mut Pin<Box<Sleep>>>,
+    mut timer: Option<&mut ConnTimer>,
     buf: &[u8],
     at: &mut usize,
     once: bool,
@@ -1160,6 +1195,46 @@ mod tests {
         let (_, reused) = exchange(&pool, get("/")).await.ok().unwrap();
         assert!(!reused);
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    async fn poll_once(timer: &mut ConnTimer) -> Poll<()> {
+        std::future::poll_fn(|cx| Poll::Ready(timer.poll(cx))).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_moved_later_goes_off_at_the_new_deadline_and_one_moved_earlier_at_that() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut timer = ConnTimer::new(start + ms(10));
+        timer.set(start + ms(30));
+        tokio::time::sleep_until(start + ms(20)).await;
+        assert!(
+            poll_once(&mut timer).await.is_pending(),
+            "went off at the old deadline"
+        );
+        tokio::time::sleep_until(start + ms(30)).await;
+        assert!(
+            poll_once(&mut timer).await.is_ready(),
+            "the new deadline passed"
+        );
+        // Moved on again after going off: the same, from the instant it went off at.
+        timer.set(start + ms(100));
+        timer.set(start + ms(50));
+        tokio::time::sleep_until(start + ms(40)).await;
+        assert!(poll_once(&mut timer).await.is_pending());
+        tokio::time::sleep_until(start + ms(50)).await;
+        assert!(
+            poll_once(&mut timer).await.is_ready(),
+            "the latest deadline set rules"
+        );
+
+        let mut timer = ConnTimer::new(start + ms(200));
+        timer.set(start + ms(60));
+        tokio::time::sleep_until(start + ms(60)).await;
+        assert!(
+            poll_once(&mut timer).await.is_ready(),
+            "an earlier deadline is armed at once"
+        );
     }
 
     /// Parses `raw` as one complete response head, its fields encoded for the client if `encode`.
