@@ -346,6 +346,15 @@ impl ResponseBody {
         self
     }
 
+    /// When the backend's response head arrived, for a body not yet read from (the proxy's own
+    /// bodies have none).
+    pub fn head_received(&self) -> Option<Instant> {
+        match &self.kind {
+            Kind::Upstream { last_progress, .. } => Some(*last_progress),
+            Kind::Full { .. } => None,
+        }
+    }
+
     /// Keeps the request counted against the policy's concurrency limit until this body is done.
     /// In place: a response is a few hundred bytes, and moving it costs a copy each time.
     pub fn hold_slot(&mut self, slot: ConcurrencySlot) {

@@ -285,13 +285,14 @@ impl H1Conn {
                     continue;
                 }
                 let (framing, keep_alive) = framing(&head, is_head).map_err(H1SendError::Failed)?;
+                let received = Instant::now();
                 let encoded = head.encoded;
                 let mut response = Response::new(());
                 *response.status_mut() = head.status;
                 *response.version_mut() = head.version;
                 *response.headers_mut() = head.headers;
                 let reusable = keep_alive && framing != Framing::UntilClose && status != 101;
-                let mut body = H1Body::new(self, Arc::clone(pool), framing, reusable);
+                let mut body = H1Body::new(self, Arc::clone(pool), framing, reusable, received);
                 body.hop_by_hop_stripped = head.hop.stripped;
                 body.encoded = encoded;
                 return Ok(response.map(|()| body));
@@ -735,6 +736,10 @@ pub struct H1Body {
     hop_by_hop_stripped: bool,
     /// The response's fields, when they came encoded rather than in its map.
     encoded: Option<EncodedFields>,
+    /// When the response head was complete.
+    received: Instant,
+    /// Reading the body had to wait for the backend at least once.
+    waited: bool,
 }
 
 impl std::fmt::Debug for H1Body {
@@ -756,7 +761,13 @@ enum Step {
 }
 
 impl H1Body {
-    fn new(conn: Box<H1Conn>, pool: Arc<EndpointPool>, framing: Framing, reusable: bool) -> Self {
+    fn new(
+        conn: Box<H1Conn>,
+        pool: Arc<EndpointPool>,
+        framing: Framing,
+        reusable: bool,
+        received: Instant,
+    ) -> Self {
         let state = match framing {
             Framing::Length(0) => BodyState::Done,
             Framing::Length(n) => BodyState::Length(n),
@@ -770,6 +781,8 @@ impl H1Body {
             reusable,
             hop_by_hop_stripped: false,
             encoded: None,
+            received,
+            waited: false,
         };
         if matches!(body.state, BodyState::Done) {
             // A body that is already over may never be polled: hand the connection back now.
@@ -782,6 +795,12 @@ impl H1Body {
     /// were noted and left out as it was parsed, so stripping them again can be skipped.
     pub fn hop_by_hop_stripped(&self) -> bool {
         self.hop_by_hop_stripped
+    }
+
+    /// When the response head was complete (read once here, for the caller's latency figures
+    /// and the connection's idle age alike).
+    pub fn received(&self) -> Instant {
+        self.received
     }
 
     /// The response's end-to-end fields, when they came encoded for the client rather than in
@@ -798,7 +817,13 @@ impl H1Body {
         };
         // Bytes beyond the end of the response were never asked for: the connection is unusable.
         if self.reusable && conn.read.is_empty() {
-            pool.checkin_h1(conn);
+            // Idle from the head's arrival if the body came with it; else from now.
+            let since = if self.waited {
+                Instant::now()
+            } else {
+                self.received
+            };
+            pool.checkin_h1(conn, since);
         }
     }
 
@@ -913,7 +938,12 @@ impl Body for H1Body {
                     } else {
                         READ_CHUNK
                     });
-                    match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read)) {
+                    let read = poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read);
+                    let Poll::Ready(read) = read else {
+                        this.waited = true;
+                        return Poll::Pending;
+                    };
+                    match read {
                         Err(err) => return this.fail(err.into()),
                         Ok(0) if matches!(this.state, BodyState::UntilClose) => {
                             this.conn = None;

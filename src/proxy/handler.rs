@@ -114,7 +114,11 @@ pub fn handle<'a>(
         };
         let (mut response, outcome) = forward(state, &policy, conn, req, seq, started).await;
         let status = response.status().as_u16();
-        let elapsed = started.elapsed();
+        // Up to the response head: the instant `dispatch` noted when it arrived, if it did.
+        let elapsed = match response.body().head_received() {
+            Some(received) => received.saturating_duration_since(started),
+            None => started.elapsed(),
+        };
         let backend_metrics = outcome
             .endpoint
             .map_or(&policy.unrouted_metrics, |e| e.metrics.as_ref());
@@ -499,7 +503,11 @@ pub(super) fn dispatch<'p>(
                 .await;
                 match result {
                     Ok((mut response, pool_return)) => {
-                        let received = Instant::now();
+                        // The direct client noted when the head arrived, for its pool as well.
+                        let received = match response.body() {
+                            UpstreamBody::H1(body) => body.received(),
+                            UpstreamBody::Hyper(_) => Instant::now(),
+                        };
                         let rtt = received.saturating_duration_since(sent);
                         endpoint.state.observe_latency_at(rtt, received);
                         if let Some(histogram) = &endpoint.metrics.upstream_duration {

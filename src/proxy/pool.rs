@@ -317,11 +317,12 @@ impl EndpointPool {
         None
     }
 
-    /// Takes back a direct HTTP/1.1 connection whose response ended cleanly.
-    pub(super) fn checkin_h1(&self, conn: Box<H1Conn>) {
+    /// Takes back a direct HTTP/1.1 connection whose response ended cleanly; it has been idle
+    /// `since` then (its age is what decides whether the backend may have closed it).
+    pub(super) fn checkin_h1(&self, conn: Box<H1Conn>, since: Instant) {
         let mut idle = lock(&self.idle_direct);
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, since));
         }
     }
 
