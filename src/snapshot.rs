@@ -171,21 +171,43 @@ pub struct PolicyState {
     pub pending: AtomicU32,
 }
 
-impl PolicyState {
-    /// Takes a slot under `overload.maxConcurrentRequests`; `None` when all are taken.
-    pub fn enter(self: &Arc<Self>, max: u32) -> Option<ConcurrencySlot> {
-        try_increment_below(&self.in_flight, max).then(|| ConcurrencySlot(Arc::clone(self)))
+/// One request counted against its policy's `overload.maxConcurrentRequests` until it is
+/// dropped (with the response body, so a request counts until its last byte went out). It
+/// holds the request's own reference to its policy, through which the request reaches the
+/// policy meanwhile, so the count costs no reference of its own.
+pub struct ConcurrencySlot(Arc<PolicyRuntime>);
+
+impl ConcurrencySlot {
+    /// Takes a slot for a request under `policy`; the policy back when all slots are taken.
+    pub fn enter(policy: Arc<PolicyRuntime>) -> Result<Self, Arc<PolicyRuntime>> {
+        let max = policy.config.overload.max_concurrent_requests;
+        if try_increment_below(&policy.shared.in_flight, max) {
+            Ok(Self(policy))
+        } else {
+            Err(policy)
+        }
     }
 }
 
-/// One request counted against `overload.maxConcurrentRequests` until it is dropped (with the
-/// response body, so a request counts until its last byte went out).
-#[derive(Debug)]
-pub struct ConcurrencySlot(Arc<PolicyState>);
+impl std::ops::Deref for ConcurrencySlot {
+    type Target = PolicyRuntime;
+
+    fn deref(&self) -> &PolicyRuntime {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ConcurrencySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ConcurrencySlot")
+            .field(&self.0.label)
+            .finish()
+    }
+}
 
 impl Drop for ConcurrencySlot {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -32,7 +32,7 @@ use super::{caching, websocket};
 use crate::accesslog;
 use crate::ratelimit::policy::client_ip;
 use crate::resilience::breaker::{BreakerState, Permit};
-use crate::snapshot::{PolicyRuntime, RuntimeEndpoint, Snapshot};
+use crate::snapshot::{ConcurrencySlot, PolicyRuntime, RuntimeEndpoint, Snapshot};
 use crate::sync::try_increment_below;
 use bytes::Bytes;
 use http_body::Body as _;
@@ -102,17 +102,18 @@ pub fn handle<'a>(
         // The access log needs the request line after the request is gone; copy it only when logged.
         let logged = accesslog::enabled().then(|| (req.method().clone(), req.uri().clone()));
         // Overload: a cheap counter shared by the policy's requests across snapshots, held until the
-        // response body has gone out.
-        let Some(slot) = policy
-            .shared
-            .enter(policy.config.overload.max_concurrent_requests)
-        else {
-            let (mut response, _) = reject_overloaded(&policy, "max_concurrent_requests");
-            policy.unrouted_metrics.count(response.status().as_u16());
-            response.body_mut().hold_active(active);
-            return response;
+        // response body has gone out. The slot keeps the policy for the request.
+        let slot = match ConcurrencySlot::enter(policy) {
+            Ok(slot) => slot,
+            Err(policy) => {
+                let (mut response, _) = reject_overloaded(&policy, "max_concurrent_requests");
+                policy.unrouted_metrics.count(response.status().as_u16());
+                response.body_mut().hold_active(active);
+                return response;
+            }
         };
-        let (mut response, outcome) = forward(state, &policy, conn, req, seq, started).await;
+        let policy: &PolicyRuntime = &slot;
+        let (mut response, outcome) = forward(state, policy, conn, req, seq, started).await;
         let status = response.status().as_u16();
         // Up to the response head: the instant `dispatch` noted when it arrived, if it did.
         let elapsed = match response.body().head_received() {
