@@ -929,11 +929,6 @@ async fn exchange(
     let overload = &policy.config.overload;
     let mut stale = 0;
     loop {
-        let Some(waiting) =
-            CountGuard::try_new(&policy.shared.pending, overload.max_pending_requests)
-        else {
-            return Err((ProxyError::Overloaded("max_pending_requests"), true));
-        };
         let may_connect = || {
             let open: usize = policy
                 .endpoints
@@ -954,6 +949,13 @@ async fn exchange(
         let conn = match idle {
             Some(conn) => conn,
             None => {
+                // Only a request that has to wait for a connection is pending (one that takes an
+                // idle connection of the direct client at once never waits).
+                let Some(_waiting) =
+                    CountGuard::try_new(&policy.shared.pending, overload.max_pending_requests)
+                else {
+                    return Err((ProxyError::Overloaded("max_pending_requests"), true));
+                };
                 let checkout = endpoint.pool.checkout_other(
                     &head.headers,
                     current,
@@ -972,7 +974,6 @@ async fn exchange(
                 }
             }
         };
-        drop(waiting);
         let reused = conn.reused;
         match conn
             .send_parts(
