@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -499,7 +499,6 @@ fn parse_head(
             response.version.unwrap_or(1),
         )
     };
-    let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("invalid status"))?;
     let version = if minor == 0 {
         Version::HTTP_10
@@ -508,6 +507,9 @@ fn parse_head(
     };
     // 429 and 503 answers may carry a `Retry-After` a retry decision reads from the map.
     if encode && !matches!(code, 100..=199 | 204 | 304 | 429 | 503) {
+        // The fields are copied out, so the head need not be split off as shared bytes (a
+        // reference count taken and dropped): it is read in place and then skipped.
+        let head = &buf[..len];
         let mut hop = HopFields::default();
         let mut lines = borrow_buffer();
         lines.reserve(head.len());
@@ -534,6 +536,7 @@ fn parse_head(
             }
         }
         if !hop.connection_names_fields {
+            buf.advance(len);
             return Ok(Some(Head {
                 status,
                 version,
@@ -545,6 +548,7 @@ fn parse_head(
         // The fields `Connection` names must go too: the map and the general stripping decide.
         return_buffer(lines);
     }
+    let head = buf.split_to(len).freeze();
     // One more for the `Via` the proxy appends on the way back.
     let mut headers = std::mem::take(spare);
     headers.reserve(fields.len() + 1);
