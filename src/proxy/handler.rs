@@ -388,11 +388,12 @@ pub(super) fn dispatch<'p>(
         } else {
             None
         };
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        // The target as sent upstream; the URI is rebuilt only when it is not already that.
+        let path_and_query = |uri: &Uri| {
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+        };
 
         let timeouts = &config.timeouts;
         // The request's one clock read at its start (in `handle`) serves the deadline, the
@@ -418,27 +419,28 @@ pub(super) fn dispatch<'p>(
             let may_retry = attempts < retry.max_attempts && !upgrade;
             let keep_head =
                 may_retry && (retry.on_reset || retry.on_timeout || !retry.status_codes.is_empty());
-            parts.uri = if endpoint.pool.is_http2() {
+            if endpoint.pool.is_http2() {
                 // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
-                match Uri::builder()
+                parts.uri = match Uri::builder()
                     .scheme(if endpoint.pool.is_tls() {
                         http::uri::Scheme::HTTPS
                     } else {
                         http::uri::Scheme::HTTP
                     })
                     .authority(endpoint.authority.clone())
-                    .path_and_query(path_and_query.clone())
+                    .path_and_query(path_and_query(&parts.uri))
                     .build()
                 {
                     Ok(uri) => uri,
                     Err(_) => {
                         return fail(ProxyError::BadRequest("invalid request target"), None, 0);
                     }
-                }
-            } else {
-                // HTTP/1.1 to an origin server: origin form (RFC 9112 §3.2.1).
-                Uri::from(path_and_query.clone())
-            };
+                };
+            } else if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                // HTTP/1.1 to an origin server: origin form (RFC 9112 §3.2.1). A target already
+                // in that form (nearly every request) is sent as it is.
+                parts.uri = Uri::from(path_and_query(&parts.uri));
+            }
             parts.version = if endpoint.pool.is_http2() {
                 // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
                 parts.headers.remove(header::HOST);

@@ -330,21 +330,24 @@ pub fn prepare_request(
     for name in &client.forwarding.remove_request_headers {
         headers.remove(name);
     }
-    // The `Host` value sent on, which `X-Forwarded-Host` repeats (a cheap clone, no copy).
+    let forwarding = client.forwarding;
+    // The `Host` value sent on, which `X-Forwarded-Host` repeats (a clone, no copy; taken only
+    // when that field is added: even a clone is a reference count taken and dropped).
     let mut host = None;
     if let Some(authority) = authority {
-        host = headers
+        let sent = headers
             .get(header::HOST)
-            .filter(|h| h.as_bytes() == authority.as_str().as_bytes())
-            .cloned();
-        if host.is_none() {
-            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(header::HOST, value.clone());
-                host = Some(value);
+            .filter(|h| h.as_bytes() == authority.as_str().as_bytes());
+        match sent {
+            Some(value) => host = forwarding.add_x_forwarded.then(|| value.clone()),
+            None => {
+                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                    host = forwarding.add_x_forwarded.then(|| value.clone());
+                    headers.insert(header::HOST, value);
+                }
             }
         }
     }
-    let forwarding = client.forwarding;
     let mut pending = PendingFields {
         fields: Default::default(),
         via: forwarding.add_via.then(|| via_value(version)),
