@@ -530,9 +530,7 @@ fn parse_head(
                     lines.extend_from_slice(value);
                     lines.extend_from_slice(b"\r\n");
                 }
-                Some(HOP_CONNECTION) => hop.note_connection(value),
-                Some(HOP_TRANSFER_ENCODING) => hop.note_transfer_encoding(value),
-                Some(_) => {}
+                Some(index) => hop.note(index, value),
             }
         }
         if !hop.connection_names_fields {
@@ -564,9 +562,7 @@ fn parse_head(
                 }
                 headers.append(name, value);
             }
-            Some(HOP_CONNECTION) => hop.note_connection(value.as_bytes()),
-            Some(HOP_TRANSFER_ENCODING) => hop.note_transfer_encoding(value.as_bytes()),
-            Some(_) => {}
+            Some(index) => hop.note(index, value.as_bytes()),
         }
     }
     // `Connection` naming other fields, or a protocol switch: rare, and the general stripping
@@ -639,6 +635,15 @@ impl Default for HopFields {
 }
 
 impl HopFields {
+    /// Notes what the hop-by-hop field at `index` of the list says about framing, if anything.
+    fn note(&mut self, index: usize, value: &[u8]) {
+        match index {
+            HOP_CONNECTION => self.note_connection(value),
+            HOP_TRANSFER_ENCODING => self.note_transfer_encoding(value),
+            _ => {}
+        }
+    }
+
     fn note_connection(&mut self, value: &[u8]) {
         for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
             if token.eq_ignore_ascii_case(b"close") {
