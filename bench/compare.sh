@@ -445,9 +445,18 @@ load_cpu_ticks() {
         END { print busy + 0, total + 0, steal + 0 }' /proc/stat
 }
 
+# record_run SCENARIO PROXY ROUND TOOL OUTFILE RATE LOG_LINES USER SYS LOAD_BUSY LOAD_TOTAL
+# STEAL: one row of $RAW, the report's input (CPU figures in ticks over the run), with the
+# proxy's peak RSS.
+record_run() {
+    printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n' \
+        "$1" "$2" "$3" "$4" "$(($8 + $9))" "$(peak_rss_kib "${PROXY_PID[$2]}")" "$5" "$6" "$7" \
+        "$8" "$9" "${10}" "${11}" "${12}" >>"$RAW"
+}
+
 # measure SCENARIO PROXY ROUND TOOL PORT [RATE]: one measured run, appended to $RAW.
 measure() {
-    local scen="$1" name="$2" r="$3" tool="$4" port="$5" rate="${6:-}" pid rss out lines=0
+    local scen="$1" name="$2" r="$3" tool="$4" port="$5" rate="${6:-}" pid out lines=0
     pid="${PROXY_PID[$name]}"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) is no longer running"
     out="$TMP/$scen-$name-$tool-$r.out"
@@ -459,15 +468,13 @@ measure() {
     run_load "$tool" "$port" "$DURATION" "$out" "$rate"
     read -r u1 s1 < <(cpu_ticks_split "$pid")
     read -r lb1 lt1 st1 < <(load_cpu_ticks)
-    rss="$(peak_rss_kib "$pid")"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) died during $scen round $r"
     if [[ -n "${ACCESS_LOG[$name]:-}" ]]; then
         lines="$(grep -c 'breakwater::access' "${ACCESS_LOG[$name]}" || true)"
         : >"${ACCESS_LOG[$name]}"
     fi
-    printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n' \
-        "$scen" "$name" "$r" "$tool" "$((u1 - u0 + s1 - s0))" "$rss" "$out" "${rate:-0}" "$lines" \
-        "$((u1 - u0))" "$((s1 - s0))" "$((lb1 - lb0))" "$((lt1 - lt0))" "$((st1 - st0))" >>"$RAW"
+    record_run "$scen" "$name" "$r" "$tool" "$out" "${rate:-0}" "$lines" "$((u1 - u0))" \
+        "$((s1 - s0))" "$((lb1 - lb0))" "$((lt1 - lt0))" "$((st1 - st0))"
 }
 
 warmup() { # scenario tool proxies...
@@ -525,11 +532,8 @@ measure_pair() {
     read -r lb1 lt1 st1 < <(load_cpu_ticks)
     for n in "$a" "$b"; do
         kill -0 "${PROXY_PID[$n]}" 2>/dev/null || die "$n died during $scen slice $r"
-        printf '%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n' \
-            "$scen" "$n" "$r" wrk "$((u1[$n] - u0[$n] + s1[$n] - s0[$n]))" \
-            "$(peak_rss_kib "${PROXY_PID[$n]}")" "$TMP/$scen-$n-wrk-$r.out" 0 0 \
-            "$((u1[$n] - u0[$n]))" "$((s1[$n] - s0[$n]))" "$((lb1 - lb0))" "$((lt1 - lt0))" \
-            "$((st1 - st0))" >>"$RAW"
+        record_run "$scen" "$n" "$r" wrk "$TMP/$scen-$n-wrk-$r.out" 0 0 "$((u1[$n] - u0[$n]))" \
+            "$((s1[$n] - s0[$n]))" "$((lb1 - lb0))" "$((lt1 - lt0))" "$((st1 - st0))"
     done
 }
 
