@@ -51,7 +51,7 @@ pub(super) async fn serve<'p>(
     cache: &'p PolicyCache,
     key: CacheKey,
     parts: request::Parts,
-    authority: Option<Authority>,
+    authority: Option<&Authority>,
 ) -> (Response<ResponseBody>, Outcome<'p>) {
     let request_headers = parts.headers.clone();
     let fetch = match cache.cache.lookup(&key, &request_headers, Instant::now()) {
@@ -177,7 +177,7 @@ async fn fetch_and_store<'p>(
     key: &CacheKey,
     parts: request::Parts,
     request_headers: &HeaderMap,
-    authority: Option<Authority>,
+    authority: Option<&Authority>,
     fetch: Fetch,
 ) -> (Response<ResponseBody>, Outcome<'p>) {
     let Fetch {
@@ -199,7 +199,7 @@ async fn fetch_and_store<'p>(
         }
     }
     let mut request_time = Instant::now();
-    let mut exchanged = send(state, policy, conn, head, authority.clone()).await;
+    let mut exchanged = send(state, policy, conn, head, authority).await;
     let stale = stale.or_else(|| revalidation.as_ref().and_then(|r| r.stale.clone()));
     if let Some(stale) = stale {
         let (response, outcome) = &exchanged;
@@ -279,7 +279,7 @@ async fn send<'p>(
     policy: &'p PolicyRuntime,
     conn: &ConnContext,
     head: request::Parts,
-    authority: Option<Authority>,
+    authority: Option<&Authority>,
 ) -> (Response<ResponseBody>, Outcome<'p>) {
     dispatch(
         state,

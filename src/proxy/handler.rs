@@ -26,7 +26,7 @@ use super::conn::{
     ConnShared, HEAD_CL_AND_TE, HEAD_DUPLICATE_CL, HEAD_REPEATED_CHUNKED, HEAD_UNSUPPORTED_TE,
 };
 use super::error::{MAX_URI_BYTES, ProxyError};
-use super::headers::{self, ClientSide, PeerHeaders, PendingFields};
+use super::headers::{self, ClientSide, PeerHeaders, PendingFields, RequestAuthority};
 use super::pool::{ConnectError, PoolReturn, SendError, UpstreamBody, UpstreamError};
 use super::{caching, websocket};
 use crate::accesslog;
@@ -227,6 +227,7 @@ fn forward<'p>(
             Ok(a) => a,
             Err(e) => return fail(e, None, 0),
         };
+        let authority = authority.as_ref().map(RequestAuthority::get);
         if let Some(limits) = &policy.rate_limits {
             let ip = client_ip(
                 conn.peer_headers.ip,
@@ -262,7 +263,7 @@ fn forward<'p>(
         // What a successful unsafe request must invalidate in the cache afterwards.
         let mut invalidate = None;
         if let Some(cache) = &policy.cache {
-            let host = authority.as_ref().map_or("", Authority::as_str);
+            let host = authority.map_or("", Authority::as_str);
             let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
             if !upgrade && body.is_end_stream() {
                 if let Some(key) = crate::cache::lookup_key(&parts.method, host, path_and_query) {
@@ -356,7 +357,7 @@ pub(super) fn dispatch<'p>(
     conn: &ConnContext,
     mut parts: http::request::Parts,
     mut body: AttemptBody,
-    authority: Option<Authority>,
+    authority: Option<&Authority>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     encode_fields: bool,
     started: Instant,
@@ -379,7 +380,7 @@ pub(super) fn dispatch<'p>(
         let mut pending = Some(headers::prepare_request(
             &mut parts.headers,
             client_version,
-            authority.as_ref(),
+            authority,
             &client_side,
             upgrade,
         ));
@@ -452,7 +453,7 @@ pub(super) fn dispatch<'p>(
                 if (authority.is_none() || attempts > 1)
                     && !parts.headers.contains_key(header::HOST)
                 {
-                    let host = authority.as_ref().unwrap_or(&endpoint.authority);
+                    let host = authority.unwrap_or(&endpoint.authority);
                     if let Ok(value) = http::HeaderValue::from_str(host.as_str()) {
                         parts.headers.insert(header::HOST, value);
                     }

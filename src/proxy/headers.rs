@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::OnceLock;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
@@ -11,7 +11,6 @@ use http::{Method, Request, Version};
 
 use super::error::ProxyError;
 use crate::config::compile::Forwarding;
-use crate::sync::lock;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
 /// proxy-specific ones no backend should see.
@@ -61,17 +60,31 @@ pub struct PeerHeaders {
     port_value: HeaderValue,
     /// `for=<ip>` as RFC 7239 writes it.
     forwarded_for: String,
-    /// The last `Host` the connection's requests named, validated, with the `Forwarded` value
-    /// for it: a client names the same host on every request of a connection, so parsing and
-    /// formatting are done once per connection rather than per request.
-    host_cache: Mutex<Option<CachedHost>>,
+    /// The first valid `Host` the connection's requests named. A client names the same host on
+    /// every request of a connection, so that one is parsed and copied once per connection,
+    /// and requests borrow it. Set once, so reading it takes no lock and no reference count.
+    first_host: OnceLock<Authority>,
+    /// `Forwarded` for an untrusted client naming `first_host`, built on first use.
+    first_forwarded: OnceLock<Option<HeaderValue>>,
 }
 
+/// The authority a request is for.
 #[derive(Debug)]
-struct CachedHost {
-    authority: Authority,
-    /// `Forwarded` for an untrusted client of this authority, once one was built.
-    forwarded: Option<HeaderValue>,
+pub enum RequestAuthority<'c> {
+    /// The connection's first `Host`, named again.
+    Connection(&'c Authority),
+    /// Another one: from an absolute-form target, or a `Host` the connection had not named first.
+    Own(Authority),
+}
+
+impl RequestAuthority<'_> {
+    /// The authority.
+    pub fn get(&self) -> &Authority {
+        match self {
+            RequestAuthority::Connection(authority) => authority,
+            RequestAuthority::Own(authority) => authority,
+        }
+    }
 }
 
 impl PeerHeaders {
@@ -88,7 +101,8 @@ impl PeerHeaders {
                 .unwrap_or(HeaderValue::from_static("unknown")),
             port_value: HeaderValue::from(local_port),
             forwarded_for,
-            host_cache: Mutex::new(None),
+            first_host: OnceLock::new(),
+            first_forwarded: OnceLock::new(),
         }
     }
 }
@@ -99,34 +113,37 @@ impl PeerHeaders {
 /// HTTP/1.1, duplicate `Host`, an unparsable `Host`. An absolute-form target wins over `Host`
 /// (RFC 9112 §3.2.2), and `Host` is rewritten to match so the backend sees one answer.
 pub fn request_authority<B>(req: &Request<B>) -> Result<Option<Authority>, ProxyError> {
-    authority_of(req, None)
+    Ok(authority_of(req, None)?.map(|authority| match authority {
+        RequestAuthority::Connection(authority) => authority.clone(),
+        RequestAuthority::Own(authority) => authority,
+    }))
 }
 
-/// [`request_authority`], remembering the last valid `Host` of `peer`'s connection: the same
-/// value again is not parsed again.
-pub fn request_authority_for<B>(
+/// [`request_authority`] for a request of `peer`'s connection: its first valid `Host` is kept
+/// with the connection, and a request naming the same value again borrows it unparsed.
+pub fn request_authority_for<'c, B>(
     req: &Request<B>,
-    peer: &PeerHeaders,
-) -> Result<Option<Authority>, ProxyError> {
+    peer: &'c PeerHeaders,
+) -> Result<Option<RequestAuthority<'c>>, ProxyError> {
     authority_of(req, Some(peer))
 }
 
-fn authority_of<B>(
+fn authority_of<'c, B>(
     req: &Request<B>,
-    peer: Option<&PeerHeaders>,
-) -> Result<Option<Authority>, ProxyError> {
+    peer: Option<&'c PeerHeaders>,
+) -> Result<Option<RequestAuthority<'c>>, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("duplicate Host header"));
     }
     if let (Some(value), Some(peer), None) = (host, peer, req.uri().authority()) {
-        let cached = lock(&peer.host_cache);
-        if let Some(cached) = cached
-            .as_ref()
-            .filter(|c| c.authority.as_str().as_bytes() == value.as_bytes())
+        if let Some(first) = peer
+            .first_host
+            .get()
+            .filter(|first| first.as_str().as_bytes() == value.as_bytes())
         {
-            return Ok(Some(cached.authority.clone()));
+            return Ok(Some(RequestAuthority::Connection(first)));
         }
     }
     let from_host = match host {
@@ -143,17 +160,17 @@ fn authority_of<B>(
         if authority.as_str().as_bytes().contains(&b'@') {
             return Err(ProxyError::BadRequest("userinfo in request target"));
         }
-        return Ok(Some(authority.clone()));
+        return Ok(Some(RequestAuthority::Own(authority.clone())));
     }
-    if let (Some(authority), Some(peer)) = (&from_host, peer) {
-        *lock(&peer.host_cache) = Some(CachedHost {
-            authority: authority.clone(),
-            forwarded: None,
-        });
-    }
-    match (req.version(), from_host) {
-        (Version::HTTP_11, None) => Err(ProxyError::BadRequest("missing Host header")),
-        (_, host) => Ok(host),
+    match (req.version(), from_host, peer) {
+        (Version::HTTP_11, None, _) => Err(ProxyError::BadRequest("missing Host header")),
+        (_, None, _) => Ok(None),
+        (_, Some(authority), None) => Ok(Some(RequestAuthority::Own(authority))),
+        (_, Some(authority), Some(peer)) => Ok(match peer.first_host.set(authority) {
+            // Set just now, so present.
+            Ok(()) => peer.first_host.get().map(RequestAuthority::Connection),
+            Err(authority) => Some(RequestAuthority::Own(authority)),
+        }),
     }
 }
 
@@ -435,7 +452,7 @@ fn extend_x_forwarded(
 }
 
 /// `Forwarded` for an untrusted client: our hop alone, which depends only on the connection
-/// and the authority, so it is kept with the connection's cached `Host` and built once.
+/// and the authority, so for the connection's first `Host` it is built once and kept.
 fn untrusted_forwarded(
     peer: &PeerHeaders,
     authority: Option<&Authority>,
@@ -445,15 +462,12 @@ fn untrusted_forwarded(
     let Some(authority) = authority else {
         return build(None);
     };
-    let mut cached = lock(&peer.host_cache);
-    match cached.as_mut() {
+    match peer.first_host.get() {
         // Bytes, not `Authority`'s case-insensitive equality: `host=` repeats what was sent.
-        Some(entry) if entry.authority.as_str() == authority.as_str() => {
-            if entry.forwarded.is_none() {
-                entry.forwarded = build(Some(authority));
-            }
-            entry.forwarded.clone()
-        }
+        Some(first) if first.as_str() == authority.as_str() => peer
+            .first_forwarded
+            .get_or_init(|| build(Some(authority)))
+            .clone(),
         _ => build(Some(authority)),
     }
 }
@@ -903,10 +917,22 @@ mod tests {
             builder.body(()).unwrap()
         };
         let first = request_authority_for(&with_hosts(&["Shop.example:8080"]), &peer).unwrap();
-        assert_eq!(first.unwrap().as_str(), "Shop.example:8080");
-        assert!(lock(&peer.host_cache).is_some(), "remembered");
+        assert_eq!(first.as_ref().unwrap().get().as_str(), "Shop.example:8080");
+        assert!(
+            matches!(first, Some(RequestAuthority::Connection(_))),
+            "kept with the connection"
+        );
         let again = request_authority_for(&with_hosts(&["Shop.example:8080"]), &peer).unwrap();
-        assert_eq!(again.unwrap().as_str(), "Shop.example:8080");
+        assert!(
+            matches!(again, Some(RequestAuthority::Connection(a)) if a.as_str() == "Shop.example:8080"),
+            "borrowed again"
+        );
+        // Another host later on the same connection is checked and answered on its own.
+        let other = request_authority_for(&with_hosts(&["other.example"]), &peer).unwrap();
+        assert!(
+            matches!(&other, Some(RequestAuthority::Own(a)) if a.as_str() == "other.example"),
+            "{other:?}"
+        );
         // The cache never vouches for anything but the very same single value.
         assert!(matches!(
             request_authority_for(&with_hosts(&["Shop.example:8080", "x"]), &peer),
@@ -925,6 +951,7 @@ mod tests {
             request_authority_for(&absolute, &peer)
                 .unwrap()
                 .unwrap()
+                .get()
                 .as_str(),
             "real.example",
             "an absolute-form target still wins"
