@@ -42,6 +42,8 @@ const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// Read buffer growth: small for heads and short bodies, larger while a long body streams.
 const READ_CHUNK: usize = 8 * 1024;
+/// Body data up to this size is copied out of the connection's buffer rather than shared.
+const COPY_BODY_BYTES: usize = 2 * 1024;
 const LARGE_READ_CHUNK: usize = 32 * 1024;
 /// Bodies up to this size are copied behind the head so the request leaves in one write.
 const COALESCE_BODY_BYTES: usize = 16 * 1024;
@@ -843,6 +845,19 @@ impl H1Body {
     }
 }
 
+/// The first `len` bytes of `buf`, taken off it: copied when small, so the connection's
+/// buffer is not turned into a shared one whose every slice and drop is an atomic operation
+/// (most response bodies are small, and a copy of them is cheaper); shared when large.
+fn take_data(buf: &mut BytesMut, len: usize) -> Bytes {
+    if len <= COPY_BODY_BYTES {
+        let data = Bytes::copy_from_slice(&buf[..len]);
+        buf.advance(len);
+        data
+    } else {
+        buf.split_to(len).freeze()
+    }
+}
+
 /// Decodes what `buf` holds in `state`, advancing both.
 fn step(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, H1Error> {
     match *state {
@@ -854,7 +869,7 @@ fn step(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, H1Error> {
             let take = usize::try_from(remaining)
                 .unwrap_or(usize::MAX)
                 .min(buf.len());
-            let data = buf.split_to(take).freeze();
+            let data = take_data(buf, take);
             let left = remaining - take as u64;
             *state = match (*state, left) {
                 (BodyState::Length(_), 0) => BodyState::Done,
@@ -868,11 +883,11 @@ fn step(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, H1Error> {
             if buf.is_empty() {
                 return Ok(Step::NeedMore);
             }
-            Ok(Step::Data(buf.split().freeze()))
+            Ok(Step::Data(take_data(buf, buf.len())))
         }
         BodyState::ChunkSize => match httparse::parse_chunk_size(buf) {
             Ok(httparse::Status::Complete((used, size))) => {
-                let _ = buf.split_to(used);
+                buf.advance(used);
                 *state = if size == 0 {
                     BodyState::Trailers
                 } else {
@@ -890,13 +905,13 @@ fn step(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, H1Error> {
             if &buf[..2] != b"\r\n" {
                 return Err(H1Error::Malformed("chunk data not followed by CRLF"));
             }
-            let _ = buf.split_to(2);
+            buf.advance(2);
             *state = BodyState::ChunkSize;
             Ok(Step::Again)
         }
         BodyState::Trailers => match parse_trailers(buf)? {
             Some((used, trailers)) => {
-                let _ = buf.split_to(used);
+                buf.advance(used);
                 *state = BodyState::Done;
                 Ok(Step::Trailers(trailers))
             }
@@ -1144,6 +1159,46 @@ mod tests {
             "abc"
         );
         assert_eq!(&collected.to_bytes()[..], b"hello world");
+        let (response, reused) = exchange(&pool, get("/")).await.ok().unwrap();
+        assert!(reused);
+        assert_eq!(text(response).await, "ok");
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn bodies_above_and_below_the_copy_size_arrive_whole_on_a_reused_connection() {
+        let large: Vec<u8> = (0..COPY_BODY_BYTES + 1000)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
+        let mut by_length =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", large.len()).into_bytes();
+        by_length.extend_from_slice(&large);
+        let mut chunked = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+            large.len()
+        )
+        .into_bytes();
+        chunked.extend_from_slice(&large);
+        chunked.extend_from_slice(b"\r\n3\r\nxyz\r\n0\r\n\r\n");
+        let by_length: &'static [u8] = Box::leak(by_length.into_boxed_slice());
+        let chunked: &'static [u8] = Box::leak(chunked.into_boxed_slice());
+        let backend = Scripted::start(vec![
+            (by_length, Then::KeepOpen),
+            (chunked, Then::KeepOpen),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                Then::KeepOpen,
+            ),
+        ])
+        .await;
+        let pool = pool_for(backend.addr);
+        let (response, _) = exchange(&pool, get("/")).await.ok().unwrap();
+        assert_eq!(text(response).await.as_bytes(), &large[..]);
+        let (response, reused) = exchange(&pool, get("/")).await.ok().unwrap();
+        assert!(reused);
+        let mut expected = large.clone();
+        expected.extend_from_slice(b"xyz");
+        assert_eq!(text(response).await.as_bytes(), &expected[..]);
         let (response, reused) = exchange(&pool, get("/")).await.ok().unwrap();
         assert!(reused);
         assert_eq!(text(response).await, "ok");
