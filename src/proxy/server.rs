@@ -28,7 +28,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::LocalKey;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -209,6 +209,9 @@ where
         task: AtomicWaker::new(),
     });
     let signal_waker = Waker::from(Arc::clone(&signal));
+    // The task waker `signal.task` holds, if any: registering the same one again every idle
+    // wait would cost two atomic operations for nothing. A wake takes it out (and sets `fired`).
+    let mut registered: Option<Waker> = None;
     loop {
         if read.is_empty() {
             // Idle: hold no buffers, only the socket.
@@ -220,8 +223,19 @@ where
                     Poll::Ready(Ok(_)) => return Poll::Ready(IdleWake::Readable),
                     Poll::Pending => {}
                 }
-                signal.task.register(cx.waker());
-                if signal.fired.swap(false, Ordering::AcqRel) {
+                // A plain load first: the swap is a locked instruction, and rarely needed.
+                let fired = signal.fired.load(Ordering::Acquire)
+                    && signal.fired.swap(false, Ordering::AcqRel);
+                if fired {
+                    // The wake that set `fired` took the registered waker.
+                    registered = None;
+                }
+                if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    signal.task.register(cx.waker());
+                    registered = Some(cx.waker().clone());
+                }
+                // Polled after registering, so a wake from either is never missed.
+                if fired {
                     let mut signal_cx = Context::from_waker(&signal_waker);
                     if stopped.as_mut().poll(&mut signal_cx).is_ready() {
                         return Poll::Ready(IdleWake::Close);
@@ -414,8 +428,8 @@ const BAD_REQUEST: &[u8] =
 /// Takes one request (head and body) off the front of `read`, or `None` — leaving `read`
 /// untouched — when it is not one this path serves.
 fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
-    // Offsets into `read`: the head is split off once parsing is done and its fields become
-    // slices of it. Uninitialised until pushed: a zeroed array of 100 was 200 stores a request.
+    // Offsets into `read`: the fields are copied out once the whole request is known to be
+    // served here (until then `read` must stay untouched). Uninitialised until pushed: a zeroed array of 100 was 200 stores a request.
     let mut fields: SmallVec<[[usize; 4]; MAX_HEADERS]> = SmallVec::new();
     let mut content_length = None;
     let mut close = false;
@@ -483,12 +497,21 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
         return Some(Parsed::NeedBody { total });
     }
     // From here on the request is consumed: what fails now is answered 400, as hyper would.
-    let head = read.split_to(len).freeze();
-    let body = read
-        .split_to(usize::try_from(body_len).unwrap_or(0))
-        .freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
-        return Some(Parsed::Invalid);
+    // Target and field values are copied out, not shared: a shared slice of `read` would turn
+    // it into a reference-counted buffer, and every slice and every drop would then be an
+    // atomic operation; a small copy is cheaper, and `read` stays this connection's own.
+    let head = &read[..len];
+    let target = &head[target];
+    let uri = if target == b"/" {
+        Uri::from_static("/")
+    } else {
+        match Uri::try_from(target) {
+            Ok(uri) => uri,
+            Err(_) => {
+                read.advance(total);
+                return Some(Parsed::Invalid);
+            }
+        }
     };
     // Room for the forwarding headers the proxy adds, so the map is not grown per request.
     let mut headers = borrow_header_map(fields.len() + ADDED_REQUEST_HEADERS);
@@ -497,18 +520,42 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
         // conversions agree with it; a disagreement is still answered, never unwrapped.
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&head[name_start..name_end]),
-            HeaderValue::from_maybe_shared(head.slice(value_start..value_end)),
+            HeaderValue::from_bytes(&head[value_start..value_end]),
         ) else {
+            read.advance(total);
             return Some(Parsed::Invalid);
         };
         headers.append(name, value);
     }
+    let body = match usize::try_from(body_len).unwrap_or(0) {
+        0 => Bytes::new(),
+        n if n < COPY_LIMIT => Bytes::copy_from_slice(&read[len..len + n]),
+        // Large: shared rather than copied (the head is skipped first, so the rest of `read`
+        // is not shared with it).
+        n => {
+            read.advance(len);
+            let body = read.split_to(n).freeze();
+            return Some(Parsed::Request {
+                request: assemble(method, uri, headers, body),
+                close,
+            });
+        }
+    };
+    read.advance(total);
+    Some(Parsed::Request {
+        request: assemble(method, uri, headers, body),
+        close,
+    })
+}
+
+/// A request served by the direct path from its parsed parts.
+fn assemble(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Request<ClientBody> {
     let mut request = Request::new(ClientBody::Buffered(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
-    Some(Parsed::Request { request, close })
+    request
 }
 
 /// How a response body is delimited on the wire.
@@ -962,6 +1009,45 @@ mod tests {
             .await
             .unwrap();
         assert!(read_responses(&mut client, 1).await[0].ends_with("GET /d "));
+    }
+
+    #[tokio::test]
+    async fn large_and_small_bodies_arrive_whole_with_what_follows_them() {
+        // One body above the copy limit (kept as a shared part of the read buffer) and small
+        // ones (copied out), pipelined, so each request's bytes must end exactly where the
+        // next begins.
+        let limits = DirectLimits {
+            max_buffered_body: 64 * 1024,
+            ..LIMITS
+        };
+        let (mut client, server) = connect(limits, CancellationToken::new(), echo).await;
+        let large: String = (0..COPY_LIMIT + 100)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let mut wire = format!(
+            "POST /large HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n{large}",
+            large.len()
+        );
+        wire.push_str("POST /small HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nxyz");
+        wire.push_str("GET /x%20y?q=1 HTTP/1.1\r\nHost: h\r\n\r\n");
+        client.write_all(wire.as_bytes()).await.unwrap();
+        let responses = read_responses(&mut client, 3).await;
+        assert!(
+            responses[0].ends_with(&format!("POST /large {large}")),
+            "{}",
+            &responses[0][..200.min(responses[0].len())]
+        );
+        assert!(
+            responses[1].ends_with("POST /small xyz"),
+            "{}",
+            responses[1]
+        );
+        assert!(
+            responses[2].ends_with("GET /x%20y?q=1 "),
+            "{}",
+            responses[2]
+        );
+        assert!(!server.is_finished(), "served here, no hand-over");
     }
 
     #[tokio::test]
