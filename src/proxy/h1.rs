@@ -304,10 +304,9 @@ impl H1Conn {
                     "response head too large",
                 )));
             }
-            self.read.reserve(READ_CHUNK);
             let conn = &mut *self;
             let read = std::future::poll_fn(|cx| {
-                let read = poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read);
+                let read = conn.io.poll_read_into(cx, &mut conn.read, READ_CHUNK);
                 poll_timed(timer_if(&mut conn.timer, timed), cx, read)
             })
             .await;
@@ -957,12 +956,12 @@ impl Body for H1Body {
                         BodyState::UntilClose => u64::MAX,
                         _ => 0,
                     };
-                    conn.read.reserve(if wanted > READ_CHUNK as u64 {
+                    let chunk = if wanted > READ_CHUNK as u64 {
                         LARGE_READ_CHUNK
                     } else {
                         READ_CHUNK
-                    });
-                    let read = poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read);
+                    };
+                    let read = conn.io.poll_read_into(cx, &mut conn.read, chunk);
                     let Poll::Ready(read) = read else {
                         this.waited = true;
                         return Poll::Pending;

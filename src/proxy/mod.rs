@@ -10,6 +10,7 @@ pub mod handler;
 pub mod headers;
 pub mod listener;
 pub mod pool;
+mod recv;
 mod send;
 pub mod server;
 pub mod tls;

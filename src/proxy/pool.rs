@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -723,6 +723,25 @@ impl PoolCache {
 pub(super) enum MaybeTls {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl MaybeTls {
+    /// Reads once onto the end of `buf`, about `want` bytes (see `recv.rs` for the plain
+    /// socket); `Ok(0)` is the end of the stream.
+    pub(super) fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            MaybeTls::Plain(s) => super::recv::poll_recv_buf(s, cx, buf, want),
+            MaybeTls::Tls(s) => {
+                buf.reserve(want);
+                tokio_util::io::poll_read_buf(Pin::new(s.as_mut()), cx, buf)
+            }
+        }
+    }
 }
 
 impl AsyncRead for MaybeTls {

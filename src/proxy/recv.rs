@@ -1,0 +1,190 @@
+//! Reads from plain TCP sockets with `recv(2)` made directly (through rustix), not through libc.
+//!
+//! As with writes (see `send.rs`): glibc's `recv` is a thread-cancellation point and brackets
+//! the system call with two locked compare-and-swaps on the calling thread's cancellation
+//! state, and the proxy reads twice per proxied request (the request, the response).
+//!
+//! rustix needs initialised memory to read into (a `BytesMut`'s spare capacity cannot be
+//! marked filled without `unsafe`), so a read of ordinary size lands in a per-thread scratch
+//! buffer and is copied onto the end of the caller's buffer: for the few hundred bytes of a
+//! usual request or response that copy is far cheaper than the two locked operations. Large
+//! reads (streamed bodies) still go through tokio straight into the buffer, where the copy
+//! would cost more than the cancellation bookkeeping, spread over many kilobytes, does.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
+use rustix::net::RecvFlags;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// The most one read through the scratch buffer asks for; larger reads go straight into the
+/// caller's buffer.
+pub const SCRATCH_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_BYTES]);
+}
+
+/// Reads once from `stream` onto the end of `buf`, at most `want` bytes, the way
+/// `tokio_util::io::poll_read_buf` does over `AsyncRead::poll_read`: `Ok(0)` is the end of the
+/// stream, and a read shorter than `want` clears the socket's readiness, so the next call
+/// waits for a fresh event instead of making a read that would only say "nothing more".
+pub fn poll_recv_buf(
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    // Nothing asked for would read as the end of the stream.
+    let want = want.max(1);
+    buf.reserve(want);
+    if want > SCRATCH_BYTES {
+        return tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf);
+    }
+    SCRATCH
+        .try_with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut scratch) => Some(poll_recv_via(stream, cx, buf, &mut scratch[..want])),
+            Err(_) => None,
+        })
+        .ok()
+        .flatten()
+        // No scratch buffer on this thread (it is being torn down): read through tokio.
+        .unwrap_or_else(|| tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf))
+}
+
+fn poll_recv_via(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    scratch: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        let mut short = None;
+        let read = stream.try_io(Interest::READABLE, || {
+            let (n, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())
+                .map_err(io::Error::from)?;
+            if n > 0 && n < scratch.len() {
+                // Drained for now: `WouldBlock` makes tokio clear the readiness it saw (and
+                // only that one, so an event that came since is kept). The bytes are kept.
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let read = match (read, short) {
+            (_, Some(n)) => Ok(n),
+            (Err(err), None)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            (read, None) => read,
+        };
+        if let Ok(n) = read {
+            buf.extend_from_slice(&scratch[..n]);
+        }
+        return Poll::Ready(read);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    async fn recv(stream: &mut TcpStream, buf: &mut BytesMut, want: usize) -> usize {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| poll_recv_buf(stream, cx, buf, want)),
+        )
+        .await
+        .expect("data or end of stream within 10 s")
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_append_whole_and_in_order_then_the_end_reads_zero() {
+        let (mut writer, mut reader) = pair().await;
+        let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let sender = tokio::spawn(async move {
+            for chunk in data.chunks(100_000) {
+                writer.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for round in 0..100_000 {
+            // Some reads into an empty buffer, some after bytes already held (kept in front);
+            // small ones through the scratch buffer, large ones straight in.
+            if buf.len() > 64 << 10 {
+                got.extend_from_slice(&buf.split());
+            }
+            let want = [1024, SCRATCH_BYTES, 2 * SCRATCH_BYTES][round % 3];
+            if recv(&mut reader, &mut buf, want).await == 0 {
+                break;
+            }
+        }
+        sender.await.unwrap();
+        got.extend_from_slice(&buf);
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes arrived altered or out of order");
+    }
+
+    #[tokio::test]
+    async fn a_short_read_waits_for_new_data_and_the_end_is_seen() {
+        let (mut writer, mut reader) = pair().await;
+        writer.write_all(b"hello").await.unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(recv(&mut reader, &mut buf, 1024).await, 5);
+        // The readiness was cleared: the next read waits until more arrives.
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            writer.write_all(b" world").await.unwrap();
+            writer
+        });
+        assert_eq!(recv(&mut reader, &mut buf, 1024).await, 6);
+        assert_eq!(&buf[..], b"hello world");
+        drop(later.await.unwrap());
+        assert_eq!(recv(&mut reader, &mut buf, 1024).await, 0, "end of stream");
+    }
+
+    #[tokio::test]
+    async fn a_read_of_exactly_what_was_asked_leaves_the_rest_for_the_next() {
+        let (mut writer, mut reader) = pair().await;
+        writer.write_all(b"abcdef").await.unwrap();
+        // Let both writes' bytes be there before reading.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut buf = BytesMut::new();
+        assert_eq!(recv(&mut reader, &mut buf, 4).await, 4);
+        assert_eq!(recv(&mut reader, &mut buf, 4).await, 2);
+        assert_eq!(&buf[..], b"abcdef");
+        let taken = buf.split_to(2).freeze();
+        writer.write_all(b"gh").await.unwrap();
+        assert_eq!(recv(&mut reader, &mut buf, 64).await, 2);
+        assert_eq!(&taken[..], b"ab");
+        assert_eq!(&buf[..], b"cdefgh");
+    }
+}
