@@ -272,6 +272,10 @@ impl CarriesEncodedFields for ResponseBody {
             _ => None,
         }
     }
+
+    fn head_received(&self) -> Option<Instant> {
+        ResponseBody::head_received(self)
+    }
 }
 
 impl ResponseBody {

@@ -30,15 +30,22 @@ pub fn poll_send(stream: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<i
     }
 }
 
-/// Writes all of `buf` to `stream`.
-pub async fn send_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+/// Writes all of `buf` to `stream`; `Ok(true)` when it had to wait for the socket to take it.
+pub async fn send_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<bool> {
+    let mut waited = false;
     while !buf.is_empty() {
-        match poll_fn(|cx| poll_send(stream, cx, buf)).await? {
+        let sent = poll_fn(|cx| {
+            let sent = poll_send(stream, cx, buf);
+            waited |= sent.is_pending();
+            sent
+        })
+        .await?;
+        match sent {
             0 => return Err(io::ErrorKind::WriteZero.into()),
             n => buf = &buf[n..],
         }
     }
-    Ok(())
+    Ok(waited)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::body::ClientBody;
 use super::h1::EncodedFields;
 use super::headers::{list_has_token, parse_content_length};
+use super::recv::poll_recv_buf;
 use super::send::send_all;
 use crate::ascii::{push_decimal, push_hex};
 
@@ -106,6 +107,28 @@ pub(super) fn return_buffer(mut buffer: Vec<u8>) {
     }
     buffer.clear();
     keep_spare(&SPARE_BUFFERS, MAX_SPARE_BUFFERS, buffer);
+}
+
+/// Request read buffers kept per thread for reuse, at most this many...
+const MAX_SPARE_READ_BUFFERS: usize = 64;
+/// ...each at most this large.
+const MAX_SPARE_READ_CAPACITY: usize = 16 * 1024;
+
+thread_local! {
+    /// Read buffers of connections gone idle, lent to the next connection on this thread that
+    /// has bytes to read: an idle connection holds no buffer, and a busy one does not allocate
+    /// and free one per request.
+    static SPARE_READ_BUFFERS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives a connection's emptied read buffer back to this thread's spares (or frees it when
+/// they are full, it grew large, or its memory is shared with a request body still in use).
+fn return_read_buffer(mut buffer: BytesMut) {
+    if buffer.capacity() == 0 || buffer.capacity() > MAX_SPARE_READ_CAPACITY {
+        return;
+    }
+    buffer.clear();
+    keep_spare(&SPARE_READ_BUFFERS, MAX_SPARE_READ_BUFFERS, buffer);
 }
 
 /// Header maps kept per thread for reuse, at most this many...
@@ -178,6 +201,13 @@ pub trait CarriesEncodedFields {
     fn take_encoded_fields(&mut self) -> Option<EncodedFields> {
         None
     }
+
+    /// When the response head arrived from the backend, if it came from one: a response
+    /// written out without waiting leaves the connection idle from about then, so the idle
+    /// deadline needs no clock read of its own.
+    fn head_received(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// Serves HTTP/1.1 requests on `stream` through `service` until the connection ends or a request
@@ -215,7 +245,7 @@ where
     loop {
         if read.is_empty() {
             // Idle: hold no buffers, only the socket.
-            read = BytesMut::new();
+            return_read_buffer(std::mem::take(&mut read));
             return_buffer(std::mem::take(&mut write));
             let woke = poll_fn(|cx| {
                 match poll_fill(&mut stream, &mut read, cx) {
@@ -326,15 +356,19 @@ where
         if write.capacity() == 0 {
             write = borrow_buffer();
         }
-        match write_response(&mut stream, &mut write, response, is_head, close).await {
-            Ok(true) if !close => {}
-            Ok(_) => {
-                let _ = stream.shutdown().await;
-                return Ended::Closed;
-            }
-            Err(_) => return Ended::Closed,
-        }
-        deadline = Instant::now() + limits.idle;
+        let idle_since =
+            match write_response(&mut stream, &mut write, response, is_head, close).await {
+                Ok(Written {
+                    keep_alive: true,
+                    idle_since,
+                }) if !close => idle_since,
+                Ok(_) => {
+                    let _ = stream.shutdown().await;
+                    return Ended::Closed;
+                }
+                Err(_) => return Ended::Closed,
+            };
+        deadline = idle_since.unwrap_or_else(Instant::now) + limits.idle;
     }
 }
 
@@ -350,19 +384,23 @@ fn poll_fill(
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     std::task::ready!(stream.poll_read_ready(cx))?;
+    if read.capacity() == 0 {
+        if let Some(spare) = take_spare(&SPARE_READ_BUFFERS) {
+            *read = spare;
+        }
+    }
     let mut total = 0;
     loop {
-        read.reserve(if read.is_empty() {
+        let want = if read.is_empty() {
             FIRST_READ
         } else {
             READ_CHUNK
-        });
-        let offered = read.capacity() - read.len();
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, read) {
+        };
+        match poll_recv_buf(stream, cx, read, want) {
             Poll::Ready(Ok(n)) => {
                 total += n;
                 // A short read (or end of stream) drained the socket for now.
-                if n == 0 || n < offered || read.len() >= MAX_FILL {
+                if n == 0 || n < want || read.len() >= MAX_FILL {
                     return Poll::Ready(Ok(total));
                 }
             }
@@ -373,7 +411,7 @@ fn poll_fill(
             Poll::Pending => {
                 if read.is_empty() {
                     // The readiness was stale: wait holding nothing.
-                    *read = BytesMut::new();
+                    return_read_buffer(std::mem::take(read));
                 }
                 return Poll::Pending;
             }
@@ -567,19 +605,31 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `response` to the client; `Ok(true)` when the connection may carry another request.
+/// How a response went out.
+struct Written {
+    /// The connection may carry another request.
+    keep_alive: bool,
+    /// When the connection became idle, if that is known without reading the clock: the
+    /// instant the backend's head arrived, for a response written without waiting for
+    /// anything (its body at hand, the socket taking every write at once).
+    idle_since: Option<Instant>,
+}
+
+/// Writes `response` to the client.
 async fn write_response<B>(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     response: Response<B>,
     is_head: bool,
     close: bool,
-) -> io::Result<bool>
+) -> io::Result<Written>
 where
     B: Body<Data = Bytes> + CarriesEncodedFields,
 {
     let (mut parts, mut body) = response.into_parts();
     let encoded = body.take_encoded_fields();
+    let received = body.head_received();
+    let mut waited = false;
     let status = parts.status;
     let bodiless = is_head
         || status.is_informational()
@@ -613,9 +663,12 @@ where
     let mut body = pin!(body);
     let expected = match framing {
         Framing::None => {
-            send_all(stream, out).await?;
+            waited |= send_all(stream, out).await?;
             // The body is dropped unread: for these responses there is none to send.
-            return Ok(!close);
+            return Ok(Written {
+                keep_alive: !close,
+                idle_since: received.filter(|_| !waited),
+            });
         }
         Framing::Length(n) => Some(n),
         Framing::Chunked => None,
@@ -627,6 +680,7 @@ where
         let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
+                waited = true;
                 if !out.is_empty() {
                     send_all(stream, out).await?;
                     out.clear();
@@ -658,10 +712,10 @@ where
         }
         if data.len() >= COPY_LIMIT {
             if !out.is_empty() {
-                send_all(stream, out).await?;
+                waited |= send_all(stream, out).await?;
                 out.clear();
             }
-            send_all(stream, &data).await?;
+            waited |= send_all(stream, &data).await?;
         } else {
             out.extend_from_slice(&data);
         }
@@ -669,7 +723,7 @@ where
             out.extend_from_slice(b"\r\n");
         }
         if out.len() >= WRITE_GATHER {
-            send_all(stream, out).await?;
+            waited |= send_all(stream, out).await?;
             out.clear();
         }
     }
@@ -684,10 +738,13 @@ where
         None => out.extend_from_slice(b"0\r\n\r\n"),
     }
     if !out.is_empty() {
-        send_all(stream, out).await?;
+        waited |= send_all(stream, out).await?;
         out.clear();
     }
-    Ok(!close)
+    Ok(Written {
+        keep_alive: !close,
+        idle_since: received.filter(|_| !waited),
+    })
 }
 
 /// The single valid `Content-Length` of a response head, if it has one.
@@ -793,6 +850,7 @@ fn push_date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
+    use std::pin::Pin;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -946,6 +1004,28 @@ mod tests {
             0,
             "no spares left: a new, unallocated buffer"
         );
+    }
+
+    #[test]
+    fn spare_read_buffers_are_bounded_in_number_and_size_and_lent_empty() {
+        for _ in 0..MAX_SPARE_READ_BUFFERS + 10 {
+            let mut buffer = BytesMut::with_capacity(FIRST_READ);
+            buffer.extend_from_slice(b"GET / HTTP/1.1\r\n");
+            return_read_buffer(buffer);
+        }
+        return_read_buffer(BytesMut::with_capacity(MAX_SPARE_READ_CAPACITY + 1));
+        assert_eq!(
+            SPARE_READ_BUFFERS.with_borrow(Vec::len),
+            MAX_SPARE_READ_BUFFERS
+        );
+        for _ in 0..MAX_SPARE_READ_BUFFERS {
+            let buffer = take_spare(&SPARE_READ_BUFFERS).unwrap();
+            assert!(buffer.is_empty(), "a lent buffer starts empty");
+            assert!(
+                buffer.capacity() >= FIRST_READ && buffer.capacity() <= MAX_SPARE_READ_CAPACITY
+            );
+        }
+        assert!(take_spare(&SPARE_READ_BUFFERS).is_none());
     }
 
     #[test]
@@ -1268,6 +1348,77 @@ mod tests {
         stop.cancel();
         assert!(matches!(server.await.unwrap(), Ended::Closed));
         assert_eq!(read_to_end(&mut client).await, "");
+    }
+
+    /// A body that says when its (pretend) backend head arrived.
+    struct Stamped<B> {
+        inner: B,
+        received: Instant,
+    }
+
+    impl<B: Unpin> CarriesEncodedFields for Stamped<B> {
+        fn head_received(&self) -> Option<Instant> {
+            Some(self.received)
+        }
+    }
+
+    impl<B: Body<Data = Bytes> + Unpin> Body for Stamped<B> {
+        type Data = Bytes;
+        type Error = B::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+            Pin::new(&mut self.inner).poll_frame(cx)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.inner.size_hint()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_idle_time_counts_from_the_heads_arrival_only_when_nothing_waited() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let stamp = Instant::now();
+        let mut out = Vec::new();
+        // Written at once: idle since the head arrived.
+        let at_once = Response::new(Stamped {
+            inner: Full::new(Bytes::from_static(b"at once")),
+            received: stamp,
+        });
+        let written = write_response(&mut stream, &mut out, at_once, false, false)
+            .await
+            .unwrap();
+        assert!(written.keep_alive);
+        assert_eq!(written.idle_since, Some(stamp));
+        // A body that had to be waited for: idle from when it was written, which the server
+        // reads from the clock.
+        let waited = Response::new(Stamped {
+            inner: Frames::new(vec![
+                Ok(Frame::data(Bytes::from_static(b"after "))),
+                Ok(Frame::data(Bytes::from_static(b"waiting"))),
+            ]),
+            received: stamp,
+        });
+        let written = write_response(&mut stream, &mut out, waited, false, true)
+            .await
+            .unwrap();
+        assert!(!written.keep_alive, "asked to close");
+        assert_eq!(written.idle_since, None);
+        drop(stream);
+        let text = read_to_end(&mut client).await;
+        assert!(text.contains("\r\n\r\nat once"), "{text}");
+        assert!(text.contains("waiting"), "{text}");
     }
 
     #[tokio::test]
