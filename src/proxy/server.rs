@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
@@ -222,7 +222,7 @@ pub async fn serve<S, F, B>(
 where
     S: FnMut(Request<ClientBody>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes> + CarriesEncodedFields,
+    B: Body<Data = Bytes> + CarriesEncodedFields + Unpin,
 {
     let mut read = BytesMut::new();
     let mut write = Vec::new();
@@ -356,18 +356,21 @@ where
         if write.capacity() == 0 {
             write = borrow_buffer();
         }
-        let idle_since =
-            match write_response(&mut stream, &mut write, response, is_head, close).await {
-                Ok(Written {
-                    keep_alive: true,
-                    idle_since,
-                }) if !close => idle_since,
-                Ok(_) => {
-                    let _ = stream.shutdown().await;
-                    return Ended::Closed;
-                }
-                Err(_) => return Ended::Closed,
-            };
+        let mut response = response;
+        let written = write_response(&mut stream, &mut write, &mut response, is_head, close).await;
+        // The request counted as in flight until its response had gone out.
+        drop(response);
+        let idle_since = match written {
+            Ok(Written {
+                keep_alive: true,
+                idle_since,
+            }) if !close => idle_since,
+            Ok(_) => {
+                let _ = stream.shutdown().await;
+                return Ended::Closed;
+            }
+            Err(_) => return Ended::Closed,
+        };
         deadline = idle_since.unwrap_or_else(Instant::now) + limits.idle;
     }
 }
@@ -616,21 +619,25 @@ struct Written {
 }
 
 /// Writes `response` to the client.
+/// The response is only borrowed, and dropped by the caller once written (with it the guards
+/// that count the request as in flight): moving a response of a few hundred bytes into this
+/// future and apart again costs a copy each time.
 async fn write_response<B>(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
-    response: Response<B>,
+    response: &mut Response<B>,
     is_head: bool,
     close: bool,
 ) -> io::Result<Written>
 where
-    B: Body<Data = Bytes> + CarriesEncodedFields,
+    B: Body<Data = Bytes> + CarriesEncodedFields + Unpin,
 {
-    let (mut parts, mut body) = response.into_parts();
+    let status = response.status();
+    let headers = std::mem::take(response.headers_mut());
+    let body = response.body_mut();
     let encoded = body.take_encoded_fields();
     let received = body.head_received();
     let mut waited = false;
-    let status = parts.status;
     let bodiless = is_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -639,32 +646,25 @@ where
         Framing::None
     } else if let Some(n) = body.size_hint().exact() {
         Framing::Length(n)
-    } else if let Some(n) = declared_length(&parts.headers) {
+    } else if let Some(n) = declared_length(&headers) {
         Framing::Length(n)
     } else {
         Framing::Chunked
     };
     out.clear();
     // Enough for the usual head, so it is not grown field by field.
-    out.reserve(256 + 64 * parts.headers.len() + encoded.as_ref().map_or(0, |e| e.lines.len()));
-    let close = encode_head(
-        out,
-        status,
-        encoded.as_ref(),
-        &parts.headers,
-        framing,
-        close,
-    );
+    out.reserve(256 + 64 * headers.len() + encoded.as_ref().map_or(0, |e| e.lines.len()));
+    let close = encode_head(out, status, encoded.as_ref(), &headers, framing, close);
     if let Some(encoded) = encoded {
         encoded.recycle();
     }
     // Written out: the map (and the upstream head its values point into) is done with.
-    return_header_map(std::mem::take(&mut parts.headers));
-    let mut body = pin!(body);
+    return_header_map(headers);
+    let mut body = Pin::new(body);
     let expected = match framing {
         Framing::None => {
             waited |= send_all(stream, out).await?;
-            // The body is dropped unread: for these responses there is none to send.
+            // The body is left unread: for these responses there is none to send.
             return Ok(Written {
                 keep_alive: !close,
                 idle_since: received.filter(|_| !waited),
@@ -915,7 +915,7 @@ mod tests {
     where
         S: FnMut(Request<ClientBody>) -> F + Send + 'static,
         F: Future<Output = Response<B>> + Send,
-        B: Body<Data = Bytes> + CarriesEncodedFields + Send,
+        B: Body<Data = Bytes> + CarriesEncodedFields + Send + Unpin,
         B::Error: Send,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1392,25 +1392,25 @@ mod tests {
         let stamp = Instant::now();
         let mut out = Vec::new();
         // Written at once: idle since the head arrived.
-        let at_once = Response::new(Stamped {
+        let mut at_once = Response::new(Stamped {
             inner: Full::new(Bytes::from_static(b"at once")),
             received: stamp,
         });
-        let written = write_response(&mut stream, &mut out, at_once, false, false)
+        let written = write_response(&mut stream, &mut out, &mut at_once, false, false)
             .await
             .unwrap();
         assert!(written.keep_alive);
         assert_eq!(written.idle_since, Some(stamp));
         // A body that had to be waited for: idle from when it was written, which the server
         // reads from the clock.
-        let waited = Response::new(Stamped {
+        let mut waited = Response::new(Stamped {
             inner: Frames::new(vec![
                 Ok(Frame::data(Bytes::from_static(b"after "))),
                 Ok(Frame::data(Bytes::from_static(b"waiting"))),
             ]),
             received: stamp,
         });
-        let written = write_response(&mut stream, &mut out, waited, false, true)
+        let written = write_response(&mut stream, &mut out, &mut waited, false, true)
             .await
             .unwrap();
         assert!(!written.keep_alive, "asked to close");
