@@ -232,8 +232,8 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) -> anyhow::Result<LogWriter> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) =
-        LineWriter::spawn(std::io::stderr()).context("starting the log writer thread")?;
+    // The writer's thread starts with the first line (none while nothing is logged).
+    let (writer, guard) = LineWriter::new(std::io::stderr());
     // Colours only for a person at a terminal: never into files, `kubectl logs` or collectors.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

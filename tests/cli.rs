@@ -504,6 +504,50 @@ async fn access_log_writes_one_json_line_per_request_while_running() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// With one worker and nothing to log, the proxy runs on one thread: the log writer's thread
+/// starts only with a first line. A single-threaded process is cheaper on every system call
+/// (the kernel looks descriptors up without taking a reference, glibc skips its cancellation
+/// bookkeeping), and the proxy makes four per request.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_proxy_with_one_worker_runs_on_one_thread() {
+    let backend = Backend::text("quiet").await;
+    let Started {
+        mut proxy,
+        traffic,
+        _dir,
+        ..
+    } = Started::run(backend.addr, &["--workers", "1"], &[("RUST_LOG", "warn")]).await;
+    for _ in 0..20 {
+        let answer = try_get(&format!("{traffic}/")).await;
+        assert!(
+            matches!(answer, Ok((200, _, ref body)) if body == "quiet"),
+            "{answer:?}"
+        );
+    }
+    let pid = proxy.child.id().expect("the process is running");
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let path = task.ok()?.path().join("comm");
+            std::fs::read_to_string(path).ok()
+        })
+        .map(|name| name.trim().to_owned())
+        .collect();
+    assert_eq!(
+        threads.len(),
+        1,
+        "threads: {threads:?}; stderr:\n{}",
+        proxy.log()
+    );
+    proxy.signal("TERM");
+    let status = timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .expect("breakwater should exit after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 #[test]
 fn shipped_examples_validate() {
     let root = env!("CARGO_MANIFEST_DIR");
