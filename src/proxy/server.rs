@@ -122,7 +122,7 @@ thread_local! {
 }
 
 /// Gives a connection's emptied read buffer back to this thread's spares (or frees it when
-/// they are full, it grew large, or its memory is shared with a request body still in use).
+/// they are full or it grew large).
 fn return_read_buffer(mut buffer: BytesMut) {
     if buffer.capacity() == 0 || buffer.capacity() > MAX_SPARE_READ_CAPACITY {
         return;
@@ -343,7 +343,7 @@ where
             Poll::Pending
         })
         .await;
-        let Some(response) = response else {
+        let Some(mut response) = response else {
             return Ended::Closed;
         };
         // A drain that began while the request was served: this response is the last.
@@ -356,7 +356,6 @@ where
         if write.capacity() == 0 {
             write = borrow_buffer();
         }
-        let mut response = response;
         let written = write_response(&mut stream, &mut write, &mut response, is_head, close).await;
         // The request counted as in flight until its response had gone out.
         drop(response);
@@ -375,12 +374,12 @@ where
     }
 }
 
-/// Reads what the client sent into `read` once the socket is readable; no buffer is allocated
-/// while it is not. The first read offers [`FIRST_READ`] bytes (most heads fit, and the
-/// allocator serves that size from its fast path); a read that fills the buffer is followed by
-/// larger ones until the socket has nothing more, up to [`MAX_FILL`]. Reading through
-/// `poll_read` (not `try_read`) lets tokio clear the socket's readiness after a short read,
-/// which saves a read that would only say "nothing more".
+/// Reads what the client sent into `read` once the socket is readable; no buffer is taken
+/// (from this thread's spares, or allocated) while it is not. The first read asks for
+/// [`FIRST_READ`] bytes (most heads fit, and the allocator serves that size from its fast
+/// path); a read that fills that is followed by larger ones until the socket has nothing more,
+/// up to [`MAX_FILL`]. A short read clears the socket's readiness (see `recv.rs`), which saves
+/// a read that would only say "nothing more".
 fn poll_fill(
     stream: &mut TcpStream,
     read: &mut BytesMut,
@@ -470,7 +469,8 @@ const BAD_REQUEST: &[u8] =
 /// untouched — when it is not one this path serves.
 fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
     // Offsets into `read`: the fields are copied out once the whole request is known to be
-    // served here (until then `read` must stay untouched). Uninitialised until pushed: a zeroed array of 100 was 200 stores a request.
+    // served here (until then `read` must stay untouched). Uninitialised until pushed: a
+    // zeroed array of 100 was 200 stores a request.
     let mut fields: SmallVec<[[usize; 4]; MAX_HEADERS]> = SmallVec::new();
     let mut content_length = None;
     let mut close = false;
@@ -568,35 +568,29 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
         };
         headers.append(name, value);
     }
-    let body = match usize::try_from(body_len).unwrap_or(0) {
-        0 => Bytes::new(),
-        n if n < COPY_LIMIT => Bytes::copy_from_slice(&read[len..len + n]),
+    let body = match total - len {
+        0 => {
+            read.advance(total);
+            Bytes::new()
+        }
+        n if n < COPY_LIMIT => {
+            let body = Bytes::copy_from_slice(&read[len..total]);
+            read.advance(total);
+            body
+        }
         // Large: shared rather than copied (the head is skipped first, so the rest of `read`
         // is not shared with it).
         n => {
             read.advance(len);
-            let body = read.split_to(n).freeze();
-            return Some(Parsed::Request {
-                request: assemble(method, uri, headers, body),
-                close,
-            });
+            read.split_to(n).freeze()
         }
     };
-    read.advance(total);
-    Some(Parsed::Request {
-        request: assemble(method, uri, headers, body),
-        close,
-    })
-}
-
-/// A request served by the direct path from its parsed parts.
-fn assemble(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Request<ClientBody> {
     let mut request = Request::new(ClientBody::Buffered(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
-    request
+    Some(Parsed::Request { request, close })
 }
 
 /// How a response body is delimited on the wire.
@@ -619,6 +613,7 @@ struct Written {
 }
 
 /// Writes `response` to the client.
+///
 /// The response is only borrowed, and dropped by the caller once written (with it the guards
 /// that count the request as in flight): moving a response of a few hundred bytes into this
 /// future and apart again costs a copy each time.
