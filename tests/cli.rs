@@ -262,6 +262,16 @@ impl Proxy {
         }
     }
 
+    /// Sends SIGTERM and expects a clean exit (status 0) within 10 s.
+    async fn terminate_cleanly(&mut self) {
+        self.signal("TERM");
+        let status = timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("breakwater should exit after SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "stderr:\n{}", self.log());
+    }
+
     fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("the process is running");
         let status = std::process::Command::new("kill")
@@ -496,12 +506,7 @@ async fn access_log_writes_one_json_line_per_request_while_running() {
             "{line}"
         );
     }
-    proxy.signal("TERM");
-    let status = timeout(Duration::from_secs(10), proxy.child.wait())
-        .await
-        .expect("breakwater should exit after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    proxy.terminate_cleanly().await;
 }
 
 /// With one worker and nothing to log, the proxy runs on one thread: the log writer's thread
@@ -540,12 +545,7 @@ async fn a_quiet_proxy_with_one_worker_runs_on_one_thread() {
         "threads: {threads:?}; stderr:\n{}",
         proxy.log()
     );
-    proxy.signal("TERM");
-    let status = timeout(Duration::from_secs(10), proxy.child.wait())
-        .await
-        .expect("breakwater should exit after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    proxy.terminate_cleanly().await;
 }
 
 #[test]

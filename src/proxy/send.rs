@@ -49,7 +49,7 @@ pub async fn send_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use tokio::io::AsyncReadExt;
@@ -57,7 +57,8 @@ mod tests {
 
     use super::*;
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    /// Two ends of a loopback TCP connection (also for `recv.rs`'s tests).
+    pub(in crate::proxy) async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
