@@ -844,11 +844,11 @@ impl H1Body {
     }
 }
 
-/// The first `len` bytes of `buf`, taken off it: copied when small, so the connection's
+/// The first `len` bytes of `buf`, taken off it: copied with `copy`, so the connection's
 /// buffer is not turned into a shared one whose every slice and drop is an atomic operation
-/// (most response bodies are small, and a copy of them is cheaper); shared when large.
-fn take_data(buf: &mut BytesMut, len: usize) -> Bytes {
-    if len <= COPY_BODY_BYTES {
+/// (for the small bodies most messages carry a copy is cheaper); else split off and shared.
+pub(super) fn take_front(buf: &mut BytesMut, len: usize, copy: bool) -> Bytes {
+    if copy {
         let data = Bytes::copy_from_slice(&buf[..len]);
         buf.advance(len);
         data
@@ -868,7 +868,7 @@ fn step(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, H1Error> {
             let take = usize::try_from(remaining)
                 .unwrap_or(usize::MAX)
                 .min(buf.len());
-            let data = take_data(buf, take);
+            let data = take_front(buf, take, take <= COPY_BODY_BYTES);
             let left = remaining - take as u64;
             *state = match (*state, left) {
                 (BodyState::Length(_), 0) => BodyState::Done,
@@ -882,7 +882,11 @@ fn step(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, H1Error> {
             if buf.is_empty() {
                 return Ok(Step::NeedMore);
             }
-            Ok(Step::Data(take_data(buf, buf.len())))
+            Ok(Step::Data(take_front(
+                buf,
+                buf.len(),
+                buf.len() <= COPY_BODY_BYTES,
+            )))
         }
         BodyState::ChunkSize => match httparse::parse_chunk_size(buf) {
             Ok(httparse::Status::Complete((used, size))) => {

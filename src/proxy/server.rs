@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ClientBody;
-use super::h1::EncodedFields;
+use super::h1::{EncodedFields, take_front};
 use super::headers::{list_has_token, parse_content_length};
 use super::recv::poll_recv_buf;
 use super::send::send_all;
@@ -568,23 +568,11 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
         };
         headers.append(name, value);
     }
-    let body = match total - len {
-        0 => {
-            read.advance(total);
-            Bytes::new()
-        }
-        n if n < COPY_LIMIT => {
-            let body = Bytes::copy_from_slice(&read[len..total]);
-            read.advance(total);
-            body
-        }
-        // Large: shared rather than copied (the head is skipped first, so the rest of `read`
-        // is not shared with it).
-        n => {
-            read.advance(len);
-            read.split_to(n).freeze()
-        }
-    };
+    // A large body is shared rather than copied; the head is skipped first, so the rest of
+    // `read` is not shared with it.
+    read.advance(len);
+    let body_bytes = total - len;
+    let body = take_front(read, body_bytes, body_bytes < COPY_LIMIT);
     let mut request = Request::new(ClientBody::Buffered(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
