@@ -7,13 +7,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
 use serde::Serialize;
-use tokio::time::Instant;
 
+use crate::clock::{duration_nanos, now_nanos};
 use crate::config::PolicyId;
 use crate::metrics::Metrics;
 use crate::resilience::breaker::{
@@ -21,8 +21,9 @@ use crate::resilience::breaker::{
 };
 use crate::sync::shared_entry;
 
-/// How long an idle endpoint's latency estimate takes to decay (PeakEWMA's time constant).
-const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// How long an idle endpoint's latency estimate takes to decay (PeakEWMA's time constant): ten
+/// seconds, in nanoseconds.
+const EWMA_DECAY_NANOS: f64 = 10e9;
 /// Weight of each new (faster) sample in the moving average.
 const EWMA_WEIGHT: f64 = 0.2;
 /// Latency assumed for an endpoint that has not answered yet, so new endpoints are tried but
@@ -198,15 +199,14 @@ impl EndpointState {
 
     /// Records a completed attempt's time to response headers (feeds PeakEWMA).
     pub fn observe_latency(&self, rtt: Duration) {
-        self.observe_latency_at(rtt, Instant::now());
+        self.observe_latency_at(duration_nanos(rtt), now_nanos());
     }
 
-    /// [`observe_latency`](Self::observe_latency) for an answer that arrived at `at` (saves a
-    /// clock read when the caller has one).
-    pub fn observe_latency_at(&self, rtt: Duration, at: Instant) {
-        let now = nanos_since_epoch(at);
-        let rtt = rtt.as_nanos() as f64;
-        let current = self.decayed_estimate(now);
+    /// [`observe_latency`](Self::observe_latency) for an answer that took `rtt_nanos` and arrived
+    /// at `at_nanos` (see [`crate::clock`]; the caller has converted both already).
+    pub fn observe_latency_at(&self, rtt_nanos: u64, at_nanos: u64) {
+        let rtt = rtt_nanos as f64;
+        let current = self.decayed_estimate(at_nanos);
         // Peak-sensitive: a slow answer is believed at once, fast ones pull the estimate down slowly.
         let next = if rtt > current {
             rtt
@@ -214,7 +214,7 @@ impl EndpointState {
             current * (1.0 - EWMA_WEIGHT) + rtt * EWMA_WEIGHT
         };
         self.rtt_estimate.store(next.to_bits(), Ordering::Relaxed);
-        self.rtt_stamp.store(now, Ordering::Relaxed);
+        self.rtt_stamp.store(at_nanos, Ordering::Relaxed);
     }
 
     /// The estimate decays towards zero while nothing is observed, so an endpoint that was slow
@@ -222,7 +222,7 @@ impl EndpointState {
     fn decayed_estimate(&self, now: u64) -> f64 {
         let estimate = f64::from_bits(self.rtt_estimate.load(Ordering::Relaxed));
         let elapsed = now.saturating_sub(self.rtt_stamp.load(Ordering::Relaxed)) as f64;
-        estimate * decay_factor(elapsed / EWMA_DECAY.as_nanos() as f64)
+        estimate * decay_factor(elapsed / EWMA_DECAY_NANOS)
     }
 
     /// Latency estimate in seconds (as `/backends/health` shows it).
@@ -359,11 +359,6 @@ impl EndpointRegistry {
     }
 }
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
 /// `e^-x` for `x >= 0`. Between two requests `x` is tiny (microseconds over the ten-second decay),
 /// where the series' first three terms are exact to within `x³/6 < 2.5e-12` and cost a few
 /// instructions against `exp`'s hundred, on every answered request.
@@ -375,22 +370,13 @@ fn decay_factor(x: f64) -> f64 {
     }
 }
 
-/// Monotonic nanoseconds since the first call (tokio's clock, so paused-time tests control it).
-pub fn now_nanos() -> u64 {
-    nanos_since_epoch(Instant::now())
-}
-
-fn nanos_since_epoch(at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::decay_factor;
 
     #[test]
     fn decay_factor_matches_exp_on_both_sides_of_the_series_cut() {
-        let cut = 1.0 / 4096.0;
+        let cut: f64 = 1.0 / 4096.0;
         for x in [
             0.0,
             1e-9,
@@ -403,7 +389,7 @@ mod tests {
             1.0,
             30.0,
         ] {
-            let exact = (-x as f64).exp();
+            let exact = (-x).exp();
             let got = decay_factor(x);
             assert!(
                 ((got - exact) / exact).abs() < 1e-11,

@@ -11,6 +11,7 @@ pub mod app;
 mod ascii;
 pub mod balance;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod endpoint;

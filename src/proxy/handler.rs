@@ -30,6 +30,7 @@ use super::headers::{self, ClientSide, PeerHeaders, PendingFields, RequestAuthor
 use super::pool::{ConnectError, PoolReturn, SendError, UpstreamBody, UpstreamError};
 use super::{caching, websocket};
 use crate::accesslog;
+use crate::clock;
 use crate::ratelimit::policy::client_ip;
 use crate::resilience::breaker::{BreakerState, Permit};
 use crate::snapshot::{ConcurrencySlot, PolicyRuntime, RuntimeEndpoint, Snapshot};
@@ -401,7 +402,10 @@ pub(super) fn dispatch<'p>(
         // retry budget, the pool's idle-age check and the first attempt's send time: a read
         // costs tens of nanoseconds, more than most of what it would be used for.
         let deadline = started + timeouts.request;
-        policy.retry_budget.deposit_at(started);
+        // Converted once: the budget, the first attempt's round trip and the breaker work in
+        // integer nanoseconds from here (see `crate::clock`).
+        let started_nanos = clock::nanos_since_epoch(started);
+        policy.retry_budget.deposit_at(started_nanos);
         let mut tried = Tried::default();
         let mut attempts = 0u32;
         let mut last_endpoint = None;
@@ -466,10 +470,11 @@ pub(super) fn dispatch<'p>(
             };
             let mut attempt_body = Some(attempt_body);
 
-            let now = if attempts == 1 {
-                started
+            let (now, now_nanos) = if attempts == 1 {
+                (started, started_nanos)
             } else {
-                Instant::now()
+                let now = Instant::now();
+                (now, clock::nanos_since_epoch(now))
             };
             let remaining = if attempts == 1 {
                 timeouts.request
@@ -485,7 +490,7 @@ pub(super) fn dispatch<'p>(
                 (remaining, ProxyError::RequestTimeout(timeouts.request))
             };
             let guard = endpoint.state.start_request();
-            let sent = now;
+            let sent_nanos = now_nanos;
             // The result lives only inside this block and the backoff is slept after it: a
             // sleep inside the match kept the result and the response alive in the future's
             // state, enlarging it for the (common) wait on the exchange too.
@@ -512,10 +517,11 @@ pub(super) fn dispatch<'p>(
                             UpstreamBody::H1(body) => body.received(),
                             UpstreamBody::Hyper(_) => Instant::now(),
                         };
-                        let rtt = received.saturating_duration_since(sent);
-                        endpoint.state.observe_latency_at(rtt, received);
+                        let received_nanos = clock::nanos_since_epoch(received);
+                        let rtt_nanos = received_nanos.saturating_sub(sent_nanos);
+                        endpoint.state.observe_latency_at(rtt_nanos, received_nanos);
                         if let Some(histogram) = &endpoint.metrics.upstream_duration {
-                            histogram.observe(rtt.as_secs_f64());
+                            histogram.observe(rtt_nanos as f64 * 1e-9);
                         }
                         let status = response.status().as_u16();
                         let failed = config.circuit_breaker.is_failure_status(status);
@@ -524,7 +530,7 @@ pub(super) fn dispatch<'p>(
                         } else {
                             endpoint.state.record_success();
                         }
-                        record_breaker(policy, endpoint, permit, !failed, received);
+                        record_breaker(policy, endpoint, permit, !failed, received_nanos);
                         if may_retry
                             && retry.status_codes.contains(&status)
                             && (idempotent || retry.non_idempotent)
@@ -614,7 +620,7 @@ pub(super) fn dispatch<'p>(
                         drop(guard);
                         if error.is_endpoint_failure() {
                             endpoint.state.record_failure(error.cause());
-                            record_breaker(policy, endpoint, permit, false, Instant::now());
+                            record_breaker(policy, endpoint, permit, false, clock::now_nanos());
                         } else {
                             // Not the endpoint's fault (client body, overload): no verdict either way.
                             drop(permit);
@@ -822,14 +828,14 @@ struct AttemptDeadline {
     error: ProxyError,
 }
 
-/// Reports an attempt's verdict, observed at `now`, to the endpoint's breaker, honouring the
-/// ejection cap.
+/// Reports an attempt's verdict, observed at `now_nanos` ([`crate::clock`]), to the endpoint's
+/// breaker, honouring the ejection cap.
 fn record_breaker(
     policy: &PolicyRuntime,
     endpoint: &RuntimeEndpoint,
     mut permit: PermitGuard<'_>,
     success: bool,
-    now: Instant,
+    now_nanos: u64,
 ) {
     let (Some(cfg), Some(permit)) = (&policy.breaker, permit.permit.take()) else {
         return;
@@ -837,7 +843,9 @@ fn record_breaker(
     let transition = endpoint
         .state
         .breaker()
-        .record_at(cfg, permit, success, now, || policy.ejections.try_eject());
+        .record_at(cfg, permit, success, now_nanos, || {
+            policy.ejections.try_eject()
+        });
     if let Some(transition) = transition {
         if transition.to == BreakerState::Closed {
             policy.ejections.restore();

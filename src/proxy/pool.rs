@@ -191,7 +191,9 @@ pub struct EndpointPool {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     http2: bool,
     connect_timeout: Duration,
-    /// Idle connections of the direct HTTP/1.1 client, most recently used last.
+    /// Idle connections of the direct HTTP/1.1 client, most recently used last, each with the
+    /// instant it turns stale (idle for [`POOL_IDLE_TIMEOUT`]): a comparison per checkout
+    /// rather than an `Instant` subtraction.
     idle_direct: Mutex<Vec<(Box<H1Conn>, Instant)>>,
     /// Idle hyper HTTP/1.1 connections (streamed bodies, upgrades), most recently used last.
     idle: Mutex<Vec<Idle>>,
@@ -304,8 +306,8 @@ impl EndpointPool {
 
     fn pop_idle_direct(&self, now: Instant) -> Option<Box<H1Conn>> {
         let mut idle = lock(&self.idle_direct);
-        while let Some((mut conn, since)) = idle.pop() {
-            if now.saturating_duration_since(since) > POOL_IDLE_TIMEOUT {
+        while let Some((mut conn, stale_at)) = idle.pop() {
+            if now > stale_at {
                 // The stack is ordered by age: everything below is older still.
                 idle.clear();
                 return None;
@@ -322,7 +324,8 @@ impl EndpointPool {
     pub(super) fn checkin_h1(&self, conn: Box<H1Conn>, since: Instant) {
         let mut idle = lock(&self.idle_direct);
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push((conn, since));
+            let stale_at = since.checked_add(POOL_IDLE_TIMEOUT).unwrap_or(since);
+            idle.push((conn, stale_at));
         }
     }
 
@@ -362,9 +365,7 @@ impl EndpointPool {
         lock(&self.idle).retain(|e| {
             !e.sender.is_closed() && now.saturating_duration_since(e.since) <= POOL_IDLE_TIMEOUT
         });
-        lock(&self.idle_direct).retain_mut(|(conn, since)| {
-            now.saturating_duration_since(*since) <= POOL_IDLE_TIMEOUT && conn.is_usable()
-        });
+        lock(&self.idle_direct).retain_mut(|(conn, stale_at)| now <= *stale_at && conn.is_usable());
     }
 
     async fn open_stream_within_timeout(&self) -> Result<MaybeTls, ConnectError> {

@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use super::error::ProxyError;
 use super::handler::{ConnContext, ProxyState};
 use super::pool::UpstreamBody;
-use crate::endpoint::{InFlightGuard, now_nanos};
+use crate::clock::now_nanos;
+use crate::endpoint::InFlightGuard;
 use crate::snapshot::PolicyRuntime;
 
 const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde::Serialize;
-use tokio::time::Instant;
+
+use crate::clock;
 
 /// Buckets in the sliding window; each covers `window / BUCKETS`.
 const BUCKETS: usize = 10;
@@ -112,8 +113,9 @@ pub struct Permit {
 
 /// A per-endpoint circuit breaker. `Send + Sync`; meant to live in the endpoint's shared state.
 pub struct Breaker {
-    /// Zero of the breaker's clock (tokio's clock, so paused-time tests control it).
-    base: Instant,
+    /// Zero of the breaker's clock, in [`crate::clock`] nanoseconds (tokio's clock, so
+    /// paused-time tests control it).
+    base_nanos: u64,
     /// Generation << `STATE_BITS` | state. Written only under `probes`, with `Release`, after the
     /// fields below that describe the new phase.
     phase: AtomicU64,
@@ -251,7 +253,7 @@ impl Breaker {
     /// A closed breaker with no history.
     pub fn new() -> Self {
         Self {
-            base: Instant::now(),
+            base_nanos: clock::now_nanos(),
             phase: AtomicU64::new(BreakerState::Closed.code()),
             open_until: AtomicU64::new(0),
             probes_in_flight: AtomicU32::new(0),
@@ -337,18 +339,18 @@ impl Breaker {
         success: bool,
         may_open: impl FnOnce() -> bool,
     ) -> Option<Transition> {
-        self.record_at(cfg, permit, success, Instant::now(), may_open)
+        self.record_at(cfg, permit, success, clock::now_nanos(), may_open)
     }
 
-    /// [`record`](Self::record) for an outcome observed at `now`: the proxy passes the instant
-    /// it already read when the response arrived (a clock read costs more than the rest of a
-    /// successful record).
+    /// [`record`](Self::record) for an outcome observed at `now_nanos` ([`crate::clock`]): the
+    /// proxy passes the instant it already read when the response arrived (a clock read costs
+    /// more than the rest of a successful record).
     pub fn record_at(
         &self,
         cfg: &BreakerConfig,
         permit: Permit,
         success: bool,
-        now: Instant,
+        now_nanos: u64,
         may_open: impl FnOnce() -> bool,
     ) -> Option<Transition> {
         let phase = self.phase.load(Ordering::Acquire);
@@ -357,7 +359,7 @@ impl Breaker {
         }
         match BreakerState::of_phase(phase) {
             BreakerState::Closed => {
-                self.record_closed(cfg, phase, success, self.nanos_at(now), may_open)
+                self.record_closed(cfg, phase, success, self.since_base(now_nanos), may_open)
             }
             BreakerState::HalfOpen if permit.probe => self.record_probe(cfg, phase, success),
             // No permit is ever issued in `Open`.
@@ -531,12 +533,12 @@ impl Breaker {
     }
 
     fn now_nanos(&self) -> u64 {
-        self.nanos_at(Instant::now())
+        self.since_base(clock::now_nanos())
     }
 
-    /// Nanoseconds from the breaker's base to `at` (0 for an instant before it).
-    fn nanos_at(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    /// Nanoseconds from the breaker's base to `at_nanos` (0 for an instant before it).
+    fn since_base(&self, at_nanos: u64) -> u64 {
+        at_nanos.saturating_sub(self.base_nanos)
     }
 }
 

@@ -51,7 +51,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use crate::clock::{duration_nanos, now_nanos};
 
 /// The window length used when a policy does not choose one.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -80,8 +80,9 @@ pub struct RetryBudget {
     ratio_units: u128,
     /// `min_per_second × ttl` in millionths of a retry.
     reserve_units: u128,
-    bucket_nanos: u128,
-    origin: Instant,
+    bucket_nanos: u64,
+    /// Creation, in [`crate::clock`] nanoseconds: bucket 0 starts here.
+    origin_nanos: u64,
     slots: [Slot; BUCKETS as usize],
 }
 
@@ -119,21 +120,22 @@ impl RetryBudget {
             ttl,
             ratio_units,
             reserve_units,
-            bucket_nanos: ttl_nanos / u128::from(BUCKETS),
-            origin: Instant::now(),
+            // At least 1 ms, as `ttl` is at least `MIN_TTL`.
+            bucket_nanos: (duration_nanos(ttl) / BUCKETS).max(1),
+            origin_nanos: now_nanos(),
             slots: Default::default(),
         }
     }
 
     /// Records one original request (a deposit), earning `ratio` retries for the next `ttl`.
     pub fn deposit(&self) {
-        self.deposit_at(Instant::now());
+        self.deposit_at(now_nanos());
     }
 
-    /// [`deposit`](Self::deposit) for a request that started at `now` (an instant the caller
-    /// has already read).
-    pub fn deposit_at(&self, now: Instant) {
-        let bucket = self.bucket_at(now);
+    /// [`deposit`](Self::deposit) for a request that started at `now_nanos` (an instant the
+    /// caller has already read and converted, see [`crate::clock`]).
+    pub fn deposit_at(&self, now_nanos: u64) {
+        let bucket = self.bucket_at(now_nanos);
         // A saturated bucket drops the deposit, which can only make the budget stricter.
         let _ = self.slot(bucket).deposits.increment(bucket);
     }
@@ -172,13 +174,12 @@ impl RetryBudget {
 
     /// Index of the bucket `now` falls in, counted from the budget's creation.
     fn current_bucket(&self) -> u64 {
-        self.bucket_at(Instant::now())
+        self.bucket_at(now_nanos())
     }
 
-    /// Index of the bucket `at` falls in.
-    fn bucket_at(&self, at: Instant) -> u64 {
-        let elapsed = at.saturating_duration_since(self.origin);
-        u64::try_from(elapsed.as_nanos() / self.bucket_nanos).unwrap_or(u64::MAX)
+    /// Index of the bucket the instant `at_nanos` ([`crate::clock`]) falls in.
+    fn bucket_at(&self, at_nanos: u64) -> u64 {
+        at_nanos.saturating_sub(self.origin_nanos) / self.bucket_nanos
     }
 
     fn slot(&self, bucket: u64) -> &Slot {
@@ -289,7 +290,7 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
     use tokio::sync::Mutex;
-    use tokio::time::advance;
+    use tokio::time::{Instant, advance};
 
     use super::*;
     use crate::resilience::backoff::{Backoff, JitterMode};
