@@ -31,7 +31,7 @@ use super::headers::{
 };
 use super::pool::{EndpointPool, MaybeTls, OpenGuard};
 use super::server::{borrow_buffer, return_buffer};
-use crate::ascii::push_decimal;
+use crate::ascii::{eq_lower, push_decimal};
 
 /// Most header fields accepted in a response head (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -521,11 +521,11 @@ fn parse_head(
             let name = &head[name_start..name_end];
             let value = &head[value_start..value_end];
             match hop_by_hop_index_raw(name) {
-                None if name.eq_ignore_ascii_case(b"content-length") => {
+                None if eq_lower(name, b"content-length") => {
                     hop.note_content_length(value);
                 }
                 None => {
-                    has_date |= name.eq_ignore_ascii_case(b"date");
+                    has_date |= eq_lower(name, b"date");
                     lines.extend_from_slice(name);
                     lines.extend_from_slice(b": ");
                     lines.extend_from_slice(value);
@@ -647,9 +647,9 @@ impl HopFields {
 
     fn note_connection(&mut self, value: &[u8]) {
         for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-            if token.eq_ignore_ascii_case(b"close") {
+            if eq_lower(token, b"close") {
                 self.close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            } else if eq_lower(token, b"keep-alive") {
                 self.keep_alive = true;
             } else if !token.is_empty() {
                 self.connection_names_fields = true;
@@ -680,7 +680,7 @@ impl HopFields {
         self.chunked_last = value
             .rsplit(|b| *b == b',')
             .next()
-            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            .is_some_and(|last| eq_lower(last.trim_ascii(), b"chunked"));
     }
 }
 

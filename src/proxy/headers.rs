@@ -10,6 +10,7 @@ use http::uri::Authority;
 use http::{Method, Request, Version};
 
 use super::error::ProxyError;
+use crate::ascii::eq_lower;
 use crate::config::compile::Forwarding;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
@@ -188,7 +189,7 @@ pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
         && connection_has_token(req.headers(), "upgrade")
 }
 
-/// Whether a `Connection` field lists `token` (case-insensitive).
+/// Whether a `Connection` field lists `token` (lower-case; matched in any case).
 pub(crate) fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
@@ -196,12 +197,12 @@ pub(crate) fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
         .any(|v| list_has_token(v.as_bytes(), token.as_bytes()))
 }
 
-/// Whether a comma-separated field value lists `token` (case-insensitive). Works on bytes: the
-/// tokens that matter are ASCII, and this runs for every response.
+/// Whether a comma-separated field value lists `token` (lower-case; matched in any case). Works
+/// on bytes: the tokens that matter are ASCII, and this runs for every response.
 pub(crate) fn list_has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        .any(|t| eq_lower(t.trim_ascii(), token))
 }
 
 /// A `Content-Length` value: decimal digits only (RFC 9110 §8.6; no sign, no list), surrounding
@@ -239,7 +240,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                     .any(|token| !is_connection_option(token.trim_ascii(), keep_upgrade));
             }
             // `TE: trailers` is end-to-end in practice (gRPC needs it on HTTP/2 upstreams).
-            5 => te_other_than_trailers |= !value.as_bytes().eq_ignore_ascii_case(b"trailers"),
+            5 => te_other_than_trailers |= !eq_lower(value.as_bytes(), b"trailers"),
             _ => {}
         }
     }
@@ -296,9 +297,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// `upgrade` when the upgrade is kept.
 fn is_connection_option(token: &[u8], keep_upgrade: bool) -> bool {
     token.is_empty()
-        || token.eq_ignore_ascii_case(b"close")
-        || token.eq_ignore_ascii_case(b"keep-alive")
-        || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
+        || eq_lower(token, b"close")
+        || eq_lower(token, b"keep-alive")
+        || (keep_upgrade && eq_lower(token, b"upgrade"))
 }
 
 /// The position of `name` in [`HOP_BY_HOP`]. Dispatches on the length first, so the usual
@@ -317,7 +318,7 @@ pub(crate) fn hop_by_hop_index_raw(name: &[u8]) -> Option<usize> {
     hop_by_hop_candidates(name.len())
         .iter()
         .copied()
-        .find(|&i| HOP_BY_HOP[i].as_str().as_bytes().eq_ignore_ascii_case(name))
+        .find(|&i| eq_lower(name, HOP_BY_HOP[i].as_str().as_bytes()))
 }
 
 /// The entries of [`HOP_BY_HOP`] whose names are `len` bytes long.

@@ -44,7 +44,7 @@ use super::h1::{EncodedFields, take_front};
 use super::headers::{list_has_token, parse_content_length};
 use super::recv::poll_recv_buf;
 use super::send::send_all;
-use crate::ascii::{push_decimal, push_hex};
+use crate::ascii::{eq_lower, push_decimal, push_hex};
 
 /// Most header fields accepted in a request head (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -500,16 +500,16 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
             match name.len() {
                 // Content-Length: one valid value (hyper merges equal repeats, but the proxy
                 // answers those 400 through `ConnIo`'s head inspection on hyper's path).
-                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                14 if eq_lower(name, b"content-length") => {
                     if content_length.is_some() {
                         return None;
                     }
                     content_length = Some(parse_content_length(h.value)?);
                 }
-                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return None,
-                6 if name.eq_ignore_ascii_case(b"expect") => return None,
-                7 if name.eq_ignore_ascii_case(b"upgrade") => return None,
-                10 if name.eq_ignore_ascii_case(b"connection") => {
+                17 if eq_lower(name, b"transfer-encoding") => return None,
+                6 if eq_lower(name, b"expect") => return None,
+                7 if eq_lower(name, b"upgrade") => return None,
+                10 if eq_lower(name, b"connection") => {
                     if list_has_token(h.value, b"upgrade") {
                         return None;
                     }
