@@ -8,8 +8,10 @@
 #   SCENARIOS       space/comma separated subset of: plain features c1000 h2 paired
 #                   (default: all)
 #   DURATION        seconds of load per measured run (default 10)
-#   ROUNDS          interleaved rounds per scenario (default 3)
-#   LATENCY_ROUNDS  interleaved rounds of the fixed-rate latency runs (default 5: a p99 is
+#   ROUNDS          interleaved rounds per scenario (default 5: on a shared VM one proxy's
+#                   req/CPU-s moves by up to 10 % from round to round, and a median of three
+#                   is moved by one bad round)
+#   LATENCY_ROUNDS  interleaved rounds of the fixed-rate latency runs (default 7: a p99 is
 #                   easily moved by one episode of noise on the load core, so more rounds)
 #   WARMUP          seconds of unmeasured load per proxy and scenario (default 1, 0 = off)
 #   CONNECTIONS     wrk/oha/h2load connections for plain, features and h2 (default 32)
@@ -32,8 +34,8 @@
 set -euo pipefail
 
 DURATION="${DURATION:-10}"
-ROUNDS="${ROUNDS:-3}"
-LATENCY_ROUNDS="${LATENCY_ROUNDS:-5}"
+ROUNDS="${ROUNDS:-5}"
+LATENCY_ROUNDS="${LATENCY_ROUNDS:-7}"
 WARMUP="${WARMUP:-1}"
 CONNECTIONS="${CONNECTIONS:-32}"
 HIGH_CONNECTIONS="${HIGH_CONNECTIONS:-1000}"
@@ -51,11 +53,15 @@ PGO="${PGO:-1}"
 PIN_PROXY=()
 PIN_LOAD=()
 LOAD_CPU_LAST=-1 # the load CPUs are 0..LOAD_CPU_LAST; -1: all (not pinned)
+# oha runs a tokio runtime with one worker per core of the machine unless told otherwise; on
+# fewer load CPUs the extra workers only take turns on them (and add wake-ups to its latencies).
+OHA_THREADS=$(nproc)
 if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
     LAST_CPU=$(($(nproc) - 1))
     PIN_PROXY=(taskset -c "$LAST_CPU")
     PIN_LOAD=(taskset -c "0-$((LAST_CPU - 1))")
     LOAD_CPU_LAST=$((LAST_CPU - 1))
+    OHA_THREADS=$LAST_CPU
 fi
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -414,7 +420,7 @@ load_cmd() {
     case "$tool" in
         wrk) CMD=(wrk -t"$LOAD_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency "http://127.0.0.1:$port/") ;;
         wrk1000) CMD=(wrk -t"$LOAD_THREADS" -c"$HIGH_CONNECTIONS" -d"${secs}s" --timeout 10s --latency "http://127.0.0.1:$port/") ;;
-        oha) CMD=("$OHA" -z "${secs}s" -c "$CONNECTIONS" -q "$rate" --latency-correction --no-tui
+        oha) CMD=("$OHA" --worker-threads "$OHA_THREADS" -z "${secs}s" -c "$CONNECTIONS" -q "$rate" --latency-correction --no-tui
             --output-format json "http://127.0.0.1:$port/") ;;
         h2load) CMD=(h2load -t"$LOAD_THREADS" -c"$CONNECTIONS" -m"$H2_STREAMS" -D "$secs" "http://127.0.0.1:$port/") ;;
         *) die "unknown tool $tool" ;;
