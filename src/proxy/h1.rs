@@ -175,19 +175,19 @@ impl H1Conn {
         if !self.read.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
         match &mut self.io {
-            MaybeTls::Plain(tcp) => match tcp.poll_read_ready(&mut cx) {
-                Poll::Pending => true,
-                Poll::Ready(Err(_)) => false,
-                Poll::Ready(Ok(())) => matches!(
-                    tcp.try_read_buf(&mut self.read),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
-                ),
-            },
+            // `try_read_buf` reads only if the socket was seen readable (a closed or chatty
+            // backend) and otherwise answers `WouldBlock` from the readiness bits alone. A
+            // readiness poll would also answer that, but only after locking the socket's waiter
+            // list to store a waker this check does not want.
+            MaybeTls::Plain(tcp) => matches!(
+                tcp.try_read_buf(&mut self.read),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
             // TLS may hold records (a close_notify) that only a read reveals.
             MaybeTls::Tls(_) => {
                 self.read.reserve(64);
+                let mut cx = Context::from_waker(Waker::noop());
                 matches!(
                     poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read),
                     Poll::Pending
