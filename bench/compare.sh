@@ -53,16 +53,15 @@ PGO="${PGO:-1}"
 PIN_PROXY=()
 PIN_LOAD=()
 LOAD_CPU_LAST=-1 # the load CPUs are 0..LOAD_CPU_LAST; -1: all (not pinned)
-# oha runs a tokio runtime with one worker per core of the machine unless told otherwise; on
-# fewer load CPUs the extra workers only take turns on them (and add wake-ups to its latencies).
-OHA_THREADS=$(nproc)
 if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
     LAST_CPU=$(($(nproc) - 1))
     PIN_PROXY=(taskset -c "$LAST_CPU")
     PIN_LOAD=(taskset -c "0-$((LAST_CPU - 1))")
     LOAD_CPU_LAST=$((LAST_CPU - 1))
-    OHA_THREADS=$LAST_CPU
 fi
+# oha runs a tokio runtime with one worker per core of the machine unless told otherwise; on
+# fewer load CPUs the extra workers only take turns on them (and add wake-ups to its latencies).
+OHA_THREADS=$((LOAD_CPU_LAST >= 0 ? LOAD_CPU_LAST + 1 : $(nproc)))
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
