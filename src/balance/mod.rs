@@ -1,7 +1,8 @@
 //! Load-balancing algorithms over a policy's endpoints.
 //!
 //! Balancers are built once per snapshot and are lock-free: round robin and the weighted
-//! schedule use one atomic cursor, the rest read the endpoints' atomic counters.
+//! schedule use one atomic cursor, the rest read the endpoints' atomic counters. A single
+//! endpoint is chosen without touching either.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -68,6 +69,11 @@ impl Balancer {
             return None;
         }
         let eligible = |i: usize| allowed(i) && endpoints[i].admissible();
+        // A sidecar usually fronts one endpoint, the app beside it: every algorithm would
+        // choose it, so the shared cursor (a locked read-modify-write) is left alone.
+        if n == 1 {
+            return eligible(0).then_some(0);
+        }
         match self.algorithm {
             Algorithm::RoundRobin => {
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed);
@@ -167,6 +173,52 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::compile::PolicyId;
+    use crate::endpoint::{EndpointKey, EndpointRegistry, Health};
+    use crate::metrics::Metrics;
+    use std::sync::Arc;
+
+    struct Only(Arc<EndpointState>);
+
+    impl Candidate for Only {
+        fn state(&self) -> &EndpointState {
+            &self.0
+        }
+        fn admissible(&self) -> bool {
+            self.0.is_admissible(None)
+        }
+    }
+
+    #[test]
+    fn a_lone_endpoint_is_chosen_while_admissible_without_moving_the_cursor() {
+        let registry = EndpointRegistry::new(Arc::new(Metrics::new().unwrap()));
+        let only = [Only(registry.get_or_create(EndpointKey {
+            policy: PolicyId {
+                namespace: "default".into(),
+                name: "lone".into(),
+            },
+            backend: "app".into(),
+            address: "127.0.0.1:1".into(),
+        }))];
+        for algorithm in [
+            Algorithm::RoundRobin,
+            Algorithm::Random,
+            Algorithm::Weighted,
+            Algorithm::LeastConnections,
+            Algorithm::PeakEwma,
+        ] {
+            let balancer = Balancer::new(algorithm, &[3]);
+            only[0].0.set_health(Health::Healthy);
+            for _ in 0..3 {
+                assert_eq!(balancer.pick(&only, &[]), Some(0), "{algorithm:?}");
+                // Already tried: the second pass still offers it (a retry may go back to it).
+                assert_eq!(balancer.pick(&only, &[0]), Some(0), "{algorithm:?}");
+            }
+            assert_eq!(balancer.cursor.load(Ordering::Relaxed), 0, "{algorithm:?}");
+            only[0].0.set_health(Health::Unhealthy);
+            assert_eq!(balancer.pick(&only, &[]), None, "{algorithm:?}");
+        }
+    }
 
     #[test]
     fn smooth_schedule_interleaves_by_weight() {
