@@ -12,13 +12,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::config::compile::BackendTarget;
@@ -176,11 +174,7 @@ async fn launch(
     updates: mpsc::Receiver<SourceUpdate>,
     initial: Option<(Vec<PolicyConfig>, Fingerprint)>,
 ) -> Result<RunningProxy, StartError> {
-    let state = Arc::new(ProxyState {
-        snapshot: ArcSwap::from_pointee(Snapshot::empty()),
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-    });
+    let state = Arc::new(ProxyState::new(Snapshot::empty()));
     let admin_listener =
         TcpListener::bind(admin_addr)
             .await
@@ -498,7 +492,7 @@ impl Controller {
         let mut listeners = lock(&self.listeners);
         let prepared = listeners.prepare(&snapshot)?;
         let snapshot = Arc::new(snapshot);
-        self.state.snapshot.store(Arc::clone(&snapshot));
+        self.state.publish(Arc::clone(&snapshot));
         listeners.commit(&snapshot, prepared);
         drop(listeners);
         self.health.reconcile(health_targets(&snapshot));

@@ -1,7 +1,8 @@
 //! The forwarding path: one request in, one response out.
 //!
 //! Order of work, top to bottom as a request flows (the one place it is written down):
-//! 1. take the current snapshot and find the listener's policy;
+//! 1. find the listener's policy in the current snapshot (a connection caches it, see
+//!    [`ListenerPolicy`]);
 //! 2. validate the head (framing, Host, body limit), then rate limits;
 //! 3. answer from the response cache, or fetch through it ([`super::caching`]);
 //! 4. choose an endpoint (balancer → endpoint admissibility);
@@ -38,16 +39,76 @@ use crate::sync::try_increment_below;
 use bytes::Bytes;
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// State every connection's requests share.
 pub struct ProxyState {
-    /// The snapshot in force; swapped whole on every configuration change.
+    /// The snapshot in force; swapped whole on every configuration change, through
+    /// [`publish`](Self::publish) so that [`ListenerPolicy`] caches see the change.
     pub snapshot: ArcSwap<Snapshot>,
+    /// Bumped after every swap of `snapshot`.
+    generation: AtomicU64,
     /// Cancelled when the process shuts down (ends WebSocket sessions at the drain deadline).
     pub shutdown: CancellationToken,
     /// Tracks tunnels and connections so shutdown can wait for them.
     pub tasks: TaskTracker,
+}
+
+impl ProxyState {
+    /// State serving `snapshot`.
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            generation: AtomicU64::new(0),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Makes `snapshot` the one in force for every request that starts from now on.
+    pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.snapshot.store(snapshot);
+        // After the store: a connection that sees the new number is sure to load the new
+        // snapshot; one that still sees the old one serves as if it had started just before.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The policy now serving `listener`, from the snapshot in force.
+    fn policy_for(&self, listener: SocketAddr) -> Option<Arc<PolicyRuntime>> {
+        self.snapshot.load().policy_for_listener(listener).cloned()
+    }
+}
+
+/// One connection's view of its listener's policy, looked up again only after a
+/// configuration change: a look-up in the shared snapshot costs two locked read-modify-writes
+/// (the snapshot's borrow and its release) besides the policy's own reference, on every
+/// request, while a change is seen here through one plain load.
+pub struct ListenerPolicy {
+    listener: SocketAddr,
+    /// The [`ProxyState`] generation `policy` was looked up in; `u64::MAX` before the first.
+    generation: u64,
+    policy: Option<Arc<PolicyRuntime>>,
+}
+
+impl ListenerPolicy {
+    /// A cache for `listener`'s policy; the first request looks it up.
+    pub fn new(listener: SocketAddr) -> Self {
+        Self {
+            listener,
+            generation: u64::MAX,
+            policy: None,
+        }
+    }
+
+    /// The policy serving the listener now; `None` once the listener is no longer configured.
+    pub fn current(&mut self, state: &ProxyState) -> Option<Arc<PolicyRuntime>> {
+        let generation = state.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.policy = state.policy_for(self.listener);
+            self.generation = generation;
+        }
+        self.policy.clone()
+    }
 }
 
 /// What one client connection knows about itself.
@@ -87,14 +148,22 @@ pub fn handle<'a>(
     conn: &'a ConnContext,
     req: Request<ClientBody>,
 ) -> impl std::future::Future<Output = Response<ResponseBody>> + 'a {
+    handle_under(state, conn, req, state.policy_for(conn.listener))
+}
+
+/// [`handle`] under `policy`, the listener's policy as the caller found it (`None`: the
+/// listener is gone, and the request is answered as draining).
+#[allow(clippy::manual_async_fn)]
+pub fn handle_under<'a>(
+    state: &'a ProxyState,
+    conn: &'a ConnContext,
+    req: Request<ClientBody>,
+    policy: Option<Arc<PolicyRuntime>>,
+) -> impl std::future::Future<Output = Response<ResponseBody>> + 'a {
     async move {
         let active = conn.shared.start_request();
         let seq = conn.shared.requests_started();
         let started = Instant::now();
-        let policy = {
-            let snapshot = state.snapshot.load();
-            snapshot.policy_for_listener(conn.listener).cloned()
-        };
         let Some(policy) = policy else {
             let mut response = ProxyError::Draining.to_response();
             response.body_mut().hold_active(active);

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::ClientBody;
 use super::conn::{ConnIo, ConnShared};
-use super::handler::{ConnContext, ProxyState, handle};
+use super::handler::{ConnContext, ListenerPolicy, ProxyState, handle, handle_under};
 use super::headers::PeerHeaders;
 use super::server::{self, DirectLimits, Ended};
 use crate::snapshot::{PolicyRuntime, Snapshot};
@@ -252,10 +252,12 @@ async fn serve_connection(
             };
             let direct_ctx = ctx(false);
             let (state_ref, ctx_ref) = (&*state, &*direct_ctx);
+            let mut listener_policy = ListenerPolicy::new(configured);
             // Each request's future is boxed: the connection's task then stays small while idle
             // (the handler's future is about 3 KiB).
             let ended = server::serve(stream, limits, &stop, |req| {
-                Box::pin(handle(state_ref, ctx_ref, req))
+                let policy = listener_policy.current(state_ref);
+                Box::pin(handle_under(state_ref, ctx_ref, req, policy))
             })
             .await;
             if let Ended::Handover { stream, buffered } = ended {
