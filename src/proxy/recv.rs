@@ -95,6 +95,68 @@ fn poll_recv_via(
     }
 }
 
+/// What [`try_recv_into`] found.
+#[derive(Debug)]
+pub enum TryRecv {
+    /// No readiness event since tokio last cleared it: nothing was read, and a waker registered
+    /// before then is still registered.
+    NotReadable,
+    /// Bytes handed to the sink (`0`: the end of the stream). Fewer than asked for cleared the
+    /// readiness, as [`poll_recv_buf`] does.
+    Read(usize),
+    /// The readiness was stale (the read found nothing), or this thread has no scratch buffer:
+    /// no waker is registered any more, so the caller polls as usual.
+    Unknown,
+    /// The read failed.
+    Failed(io::Error),
+}
+
+/// Reads once from `stream`, at most `want` bytes (capped at [`SCRATCH_BYTES`]), handing what
+/// arrived to `sink`, but only if tokio already knows the socket is readable. Unlike a poll it
+/// registers no waker, so a caller whose waker is already registered can look without taking
+/// the readiness lock again.
+pub fn try_recv_into(stream: &TcpStream, want: usize, sink: impl FnOnce(&[u8])) -> TryRecv {
+    let want = want.clamp(1, SCRATCH_BYTES);
+    SCRATCH
+        .try_with(|scratch| {
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                return TryRecv::Unknown;
+            };
+            let scratch = &mut scratch[..want];
+            let mut called = false;
+            let mut short = None;
+            let read = stream.try_io(Interest::READABLE, || {
+                called = true;
+                let (n, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())
+                    .map_err(io::Error::from)?;
+                if n > 0 && n < want {
+                    // As in `poll_recv_via`: drained for now, so tokio clears the readiness.
+                    short = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match (read, short) {
+                (_, Some(n)) | (Ok(n), None) => {
+                    sink(&scratch[..n]);
+                    TryRecv::Read(n)
+                }
+                // tokio answered from its readiness bits without calling the read.
+                (Err(_), None) if !called => TryRecv::NotReadable,
+                (Err(err), None)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    TryRecv::Unknown
+                }
+                (Err(err), None) => TryRecv::Failed(err),
+            }
+        })
+        .unwrap_or(TryRecv::Unknown)
+}
+
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
@@ -160,6 +222,67 @@ mod tests {
         assert_eq!(&buf[..], b"hello world");
         drop(later.await.unwrap());
         assert_eq!(recv(&mut reader, &mut buf, 1024).await, 0, "end of stream");
+    }
+
+    #[tokio::test]
+    async fn a_try_read_looks_only_at_known_readiness_and_keeps_a_registered_waker() {
+        let (mut writer, reader) = pair().await;
+        let mut got = Vec::new();
+        // A new socket may start out marked readable (stale: nothing was sent); the read that
+        // finds nothing clears that, and from then on no read is made.
+        let first = try_recv_into(&reader, 1024, |b| got.extend_from_slice(b));
+        assert!(
+            matches!(first, TryRecv::NotReadable | TryRecv::Unknown),
+            "{first:?}"
+        );
+        assert!(matches!(
+            try_recv_into(&reader, 1024, |b| got.extend_from_slice(b)),
+            TryRecv::NotReadable
+        ));
+        // Register this task's interest, as the server's watch does, then send: the
+        // registration made before is what wakes the wait below, which polls nothing itself.
+        let registered = poll_fn(|cx| Poll::Ready(reader.poll_read_ready(cx).is_pending())).await;
+        assert!(registered, "nothing to read yet");
+        writer.write_all(b"ping").await.unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(
+                |_cx| match try_recv_into(&reader, 1024, |b| got.extend_from_slice(b)) {
+                    TryRecv::NotReadable => Poll::Pending,
+                    other => Poll::Ready(other),
+                },
+            ),
+        )
+        .await
+        .expect("the earlier registration should wake the task");
+        assert!(matches!(waited, TryRecv::Read(4)), "{waited:?}");
+        assert_eq!(got, b"ping");
+        // The short read cleared the readiness again.
+        assert!(matches!(
+            try_recv_into(&reader, 1024, |b| got.extend_from_slice(b)),
+            TryRecv::NotReadable
+        ));
+        // A read that fills what was asked keeps the readiness: more may be waiting. When
+        // nothing is, the read that finds so reports the readiness stale, and clears it.
+        writer.write_all(b"abcdef").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("readable within 10 s")
+            .unwrap();
+        let taken = RefCell::new(Vec::new());
+        let take = |want| try_recv_into(&reader, want, |b| taken.borrow_mut().extend_from_slice(b));
+        assert!(matches!(take(4), TryRecv::Read(4)));
+        assert!(matches!(take(2), TryRecv::Read(2)));
+        assert!(matches!(take(4), TryRecv::Unknown));
+        assert!(matches!(take(4), TryRecv::NotReadable));
+        assert_eq!(*taken.borrow(), b"abcdef");
+        // The end of the stream reads as zero bytes.
+        drop(writer);
+        tokio::time::timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("readable within 10 s")
+            .unwrap();
+        assert!(matches!(take(4), TryRecv::Read(0)));
     }
 
     #[tokio::test]

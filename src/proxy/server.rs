@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::body::ClientBody;
 use super::h1::{EncodedFields, take_front};
 use super::headers::{list_has_token, parse_content_length};
-use super::recv::poll_recv_buf;
+use super::recv::{TryRecv, poll_recv_buf, try_recv_into};
 use super::send::send_all;
 use crate::ascii::{eq_lower, push_decimal, push_hex};
 
@@ -242,13 +242,17 @@ where
     // The task waker `signal.task` holds, if any: registering the same one again every idle
     // wait would cost two atomic operations for nothing. A wake takes it out (and sets `fired`).
     let mut registered: Option<Waker> = None;
+    // Whether this task's waker is registered for the client socket's reads, with no event
+    // since (see `poll_fill_armed`): the watch over a request registers it, and the idle wait
+    // after the response then needs no registration of its own.
+    let mut armed = false;
     loop {
         if read.is_empty() {
             // Idle: hold no buffers, only the socket.
             return_read_buffer(std::mem::take(&mut read));
             return_buffer(std::mem::take(&mut write));
             let woke = poll_fn(|cx| {
-                match poll_fill(&mut stream, &mut read, cx) {
+                match poll_fill_armed(&mut stream, &mut read, cx, &mut armed) {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(IdleWake::Close),
                     Poll::Ready(Ok(_)) => return Poll::Ready(IdleWake::Readable),
                     Poll::Pending => {}
@@ -295,6 +299,8 @@ where
             // Clients often send the body with a write of its own; it usually follows within
             // microseconds. Wait for it as long as a head may take, then let hyper carry on.
             Some(Parsed::NeedBody { total }) => {
+                // These reads may take the registration the watch left.
+                armed = false;
                 let rest = tokio::time::timeout(limits.head_timeout, async {
                     while read.len() < total {
                         match poll_fn(|cx| poll_fill(&mut stream, &mut read, cx)).await {
@@ -334,7 +340,7 @@ where
                 return Poll::Ready(Some(response));
             }
             if watching {
-                match poll_fill(&mut stream, &mut read, cx) {
+                match poll_fill_armed(&mut stream, &mut read, cx, &mut armed) {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
                     Poll::Ready(Ok(_)) => watching = false,
                     Poll::Pending => {}
@@ -419,6 +425,66 @@ fn poll_fill(
             }
         }
     }
+}
+
+/// [`poll_fill`] for a task that may have registered its waker for the socket's reads already:
+/// `armed` says it has, and that no readiness event came since (a poll that returned `Pending`
+/// registered it; tokio sets the readiness bits before it wakes, and only a read that found
+/// nothing clears them). While armed, the socket is looked at through those bits alone: no
+/// readiness lock is taken and nothing is registered again, and with nothing to read the
+/// registration in place is what will wake the task.
+fn poll_fill_armed(
+    stream: &mut TcpStream,
+    read: &mut BytesMut,
+    cx: &mut Context<'_>,
+    armed: &mut bool,
+) -> Poll<io::Result<usize>> {
+    if *armed {
+        let want = if read.is_empty() {
+            FIRST_READ
+        } else {
+            READ_CHUNK
+        };
+        let got = try_recv_into(stream, want, |bytes| {
+            if read.capacity() == 0 {
+                if let Some(spare) = take_spare(&SPARE_READ_BUFFERS) {
+                    *read = spare;
+                }
+            }
+            read.reserve(want);
+            read.extend_from_slice(bytes);
+        });
+        match got {
+            TryRecv::NotReadable => return Poll::Pending,
+            TryRecv::Read(n) if n < want => {
+                *armed = false;
+                return Poll::Ready(Ok(n));
+            }
+            TryRecv::Read(n) => {
+                // Filled what was asked: read on as `poll_fill` would. What was read is served
+                // first; an error shows again on the next read.
+                return match poll_fill(stream, read, cx) {
+                    Poll::Ready(Ok(more)) => {
+                        *armed = false;
+                        Poll::Ready(Ok(n + more))
+                    }
+                    Poll::Ready(Err(_)) => {
+                        *armed = false;
+                        Poll::Ready(Ok(n))
+                    }
+                    Poll::Pending => Poll::Ready(Ok(n)),
+                };
+            }
+            TryRecv::Failed(err) => {
+                *armed = false;
+                return Poll::Ready(Err(err));
+            }
+            TryRecv::Unknown => *armed = false,
+        }
+    }
+    let polled = poll_fill(stream, read, cx);
+    *armed = polled.is_pending();
+    polled
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1303,6 +1369,36 @@ mod tests {
             .unwrap();
         assert!(matches!(ended, Ended::Closed));
         assert!(dropped.load(Ordering::SeqCst), "the request was dropped");
+    }
+
+    #[tokio::test]
+    async fn after_a_watched_request_the_idle_wait_sees_the_next_request_and_the_close() {
+        // A service that answers later: the request is watched (the client socket's read
+        // interest is registered) and the idle wait after it relies on that registration.
+        let slow = |req: Request<ClientBody>| {
+            let answer = echo(req);
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                answer.await
+            }
+        };
+        let (mut client, server) = connect(LIMITS, CancellationToken::new(), slow).await;
+        for path in ["/first", "/second", "/third"] {
+            client
+                .write_all(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let response = read_responses(&mut client, 1).await.remove(0);
+            assert!(response.ends_with(&format!("GET {path} ")), "{response}");
+            // Idle for a while: the next request arrives while the server waits.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server sees the idle client leave")
+            .unwrap();
+        assert!(matches!(ended, Ended::Closed));
     }
 
     #[tokio::test]
