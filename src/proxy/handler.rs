@@ -572,6 +572,7 @@ pub(super) fn dispatch<'p>(
                     &mut attempt_body,
                     keep_head,
                     encode_fields,
+                    upgrade,
                     AttemptDeadline {
                         started: now,
                         at: now + attempt_timeout,
@@ -994,7 +995,8 @@ const MAX_STALE_CONNECTIONS: usize = 3;
 /// [`Conn::send_parts`] for what `keep_head` keeps). A request that provably never left (its
 /// pooled connection was already closed) is resent on another connection, whatever its method.
 /// On failure, `true` says the request never left: it is still whole in `head` and `body`.
-/// Past `deadline.at` the attempt fails with `deadline.error` (as possibly sent).
+/// Past `deadline.at` the attempt fails with `deadline.error` (as possibly sent). `upgrade`: the
+/// request asks to switch protocols (it kept its `Upgrade` field).
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     policy: &PolicyRuntime,
@@ -1004,6 +1006,7 @@ async fn exchange(
     body: &mut Option<RequestBody>,
     keep_head: bool,
     encode_fields: bool,
+    upgrade: bool,
     deadline: AttemptDeadline,
 ) -> Result<(Response<UpstreamBody>, Option<PoolReturn>), (ProxyError, bool)> {
     let overload = &policy.config.overload;
@@ -1025,7 +1028,7 @@ async fn exchange(
         // else (hyper's connections, connecting) is waited for within the deadline.
         let idle = endpoint
             .pool
-            .checkout_idle_direct(&head.headers, current, deadline.started);
+            .checkout_idle_direct(upgrade, current, deadline.started);
         let conn = match idle {
             Some(conn) => conn,
             None => {
@@ -1036,12 +1039,10 @@ async fn exchange(
                 else {
                     return Err((ProxyError::Overloaded("max_pending_requests"), true));
                 };
-                let checkout = endpoint.pool.checkout_other(
-                    &head.headers,
-                    current,
-                    deadline.started,
-                    may_connect,
-                );
+                let checkout =
+                    endpoint
+                        .pool
+                        .checkout_other(upgrade, current, deadline.started, may_connect);
                 match tokio::time::timeout_at(deadline.at, checkout).await {
                     Ok(Ok(conn)) => conn,
                     Ok(Err(ConnectError::ConnectionLimit)) => {

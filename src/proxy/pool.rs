@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Request, Response, header};
+use http::{Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -226,28 +226,32 @@ impl EndpointPool {
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
         let now = Instant::now();
-        if let Some(conn) = self.checkout_idle_direct(req.headers(), req.body(), now) {
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        if let Some(conn) = self.checkout_idle_direct(upgrade, req.body(), now) {
             return Ok(conn);
         }
-        self.checkout_other(req.headers(), req.body(), now, may_connect)
+        self.checkout_other(upgrade, req.body(), now, may_connect)
             .await
     }
 
-    /// Whether a request with these headers and body goes to the direct client.
-    fn takes_direct(&self, headers: &HeaderMap, body: &RequestBody) -> bool {
-        !self.http2 && body.is_in_memory() && !headers.contains_key(header::UPGRADE)
+    /// Whether a request goes to the direct client: `upgrade` says it asks to switch protocols
+    /// (it keeps its `Upgrade` field), which only hyper's client hands over.
+    fn takes_direct(&self, upgrade: bool, body: &RequestBody) -> bool {
+        !self.http2 && body.is_in_memory() && !upgrade
     }
 
     /// An idle connection of the direct client for a request held in parts, if the request
     /// can take one and one is left (`now`, an instant the caller has already read, ages
-    /// them). No future: the caller need not set a deadline on it.
+    /// them). No future: the caller need not set a deadline on it. `upgrade`: the request
+    /// asks to switch protocols (the caller knows; a look-up in its fields would cost more
+    /// than the rest of the checkout).
     pub fn checkout_idle_direct(
         &self,
-        headers: &HeaderMap,
+        upgrade: bool,
         body: &RequestBody,
         now: Instant,
     ) -> Option<Conn> {
-        if !self.takes_direct(headers, body) {
+        if !self.takes_direct(upgrade, body) {
             return None;
         }
         self.pop_idle_direct(now).map(|conn| Conn {
@@ -261,12 +265,12 @@ impl EndpointPool {
     /// of the direct client, or one of hyper's (idle or new).
     pub async fn checkout_other(
         self: &Arc<Self>,
-        headers: &HeaderMap,
+        upgrade: bool,
         body: &RequestBody,
         now: Instant,
         may_connect: impl FnOnce() -> bool,
     ) -> Result<Conn, ConnectError> {
-        if self.takes_direct(headers, body) {
+        if self.takes_direct(upgrade, body) {
             if !may_connect() {
                 return Err(ConnectError::ConnectionLimit);
             }
