@@ -373,3 +373,56 @@ async fn reload_to_a_taken_port_is_rejected_and_the_old_listener_keeps_serving()
     );
     drop(taken);
 }
+
+/// Writes `request` on `stream` and reads its response.
+async fn exchange_on(stream: &mut tokio::net::TcpStream, request: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    support::read_response(stream, Duration::from_secs(5)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_body_limit_applies_to_connections_opened_before_the_reload() {
+    let backend = Backend::text("stored").await;
+    let limit = |bytes: u32| format!("  limits: {{maxRequestBodyBytes: {bytes}}}\n");
+    let proxy = TestProxy::start(&policy("uploads", &[("app", backend.addr)], &limit(4096))).await;
+    let post = |bytes: usize| {
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: uploads.test\r\nContent-Length: {bytes}\r\n\r\n{}",
+            "x".repeat(bytes)
+        )
+    };
+    // One keep-alive connection across the reload: the server on it reads bodies with their
+    // head up to the limit it was opened under.
+    let mut kept = tokio::net::TcpStream::connect(proxy.addr("uploads"))
+        .await
+        .unwrap();
+    let before = exchange_on(&mut kept, &post(100)).await;
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+
+    replace_policy(
+        &proxy.config_path,
+        &policy("uploads", &[("app", backend.addr)], &limit(50)),
+    );
+    let reloaded = eventually(Duration::from_secs(3), || async {
+        proxy.proxy().config_version() == 2
+    })
+    .await;
+    assert!(reloaded, "the new limit should be applied within 3 s");
+
+    let over = exchange_on(&mut kept, &post(100)).await;
+    assert!(
+        over.starts_with("HTTP/1.1 413"),
+        "a 100-byte body over the new 50-byte limit should get 413 on the old connection:\n{over}"
+    );
+    let mut fresh = tokio::net::TcpStream::connect(proxy.addr("uploads"))
+        .await
+        .unwrap();
+    let under = exchange_on(&mut fresh, &post(40)).await;
+    assert!(under.starts_with("HTTP/1.1 200"), "{under}");
+    assert_eq!(
+        backend.hits(),
+        2,
+        "the refused body never reached the backend"
+    );
+}

@@ -316,12 +316,20 @@ fn forward<'p>(
             }
         }
         let limit = config.limits.max_request_body_bytes;
-        if let Some(length) = content_length_of(req.headers()) {
-            if length > limit {
-                return fail(ProxyError::BodyTooLarge(limit), None, 0);
-            }
+        // A body the direct server read with the head is exactly its `Content-Length` long, and
+        // that server hands any upgrade over to hyper: neither needs a field look-up. (The
+        // check still applies: the connection's read limit dates from its accept, and a reload
+        // since may have lowered the policy's.)
+        let (length, upgrade) = match req.body() {
+            ClientBody::Buffered(data) => (Some(data.len() as u64), false),
+            ClientBody::Streaming(_) => (
+                content_length_of(req.headers()),
+                config.websocket.enabled && headers::is_upgrade_request(&req),
+            ),
+        };
+        if length.is_some_and(|length| length > limit) {
+            return fail(ProxyError::BodyTooLarge(limit), None, 0);
         }
-        let upgrade = config.websocket.enabled && headers::is_upgrade_request(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (parts, body) = req.into_parts();
