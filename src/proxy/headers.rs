@@ -352,7 +352,19 @@ pub fn prepare_request(
     // The `Host` value sent on, which `X-Forwarded-Host` repeats (a clone, no copy; taken only
     // when that field is added: even a clone is a reference count taken and dropped).
     let mut host = None;
-    if let Some(authority) = authority {
+    // The connection's own first `Host` is handed out (`request_authority_for`) only for a
+    // request whose `Host` field named it byte for byte: unless that field was just removed or
+    // its value is wanted for `X-Forwarded-Host`, there is nothing to look up or set.
+    let host_field_is_authority = |authority: &Authority| {
+        !forwarding.add_x_forwarded
+            && forwarding.remove_request_headers.is_empty()
+            && client
+                .peer
+                .first_host
+                .get()
+                .is_some_and(|first| std::ptr::eq(first, authority))
+    };
+    if let Some(authority) = authority.filter(|a| !host_field_is_authority(a)) {
         let sent = headers
             .get(header::HOST)
             .filter(|h| h.as_bytes() == authority.as_str().as_bytes());
@@ -957,6 +969,38 @@ mod tests {
             "real.example",
             "an absolute-form target still wins"
         );
+        // The connection's own authority, named by the request's `Host`: left as sent; if a
+        // policy removes `Host`, the authority is set again.
+        let bare = Forwarding {
+            add_x_forwarded: false,
+            add_forwarded: false,
+            add_via: false,
+            ..Forwarding::default()
+        };
+        let removing_host = Forwarding {
+            remove_request_headers: vec![header::HOST],
+            ..bare.clone()
+        };
+        for (fwd, sent) in [
+            (&bare, "Shop.example:8080"),
+            (&removing_host, "Shop.example:8080"),
+        ] {
+            let req = with_hosts(&[sent]);
+            let found = request_authority_for(&req, &peer).unwrap().unwrap();
+            let authority = found.get();
+            assert!(matches!(found, RequestAuthority::Connection(_)));
+            let mut h = req.headers().clone();
+            prepare_request(
+                &mut h,
+                Version::HTTP_11,
+                Some(authority),
+                &client(&peer, fwd),
+                false,
+            )
+            .insert_into(&mut h);
+            assert_eq!(h.get_all(header::HOST).iter().count(), 1);
+            assert_eq!(h[header::HOST], sent);
+        }
         // `Forwarded` is kept per authority as sent, case included.
         let fwd = forwarding(&[]);
         let forwarded_for = |host: &str| {
