@@ -527,6 +527,11 @@ enum Parsed {
     NeedBody { total: usize },
 }
 
+thread_local! {
+    /// The target most requests name: its clone is a few copies.
+    static ROOT_TARGET: Uri = Uri::from_static("/");
+}
+
 /// hyper's answer to a head it cannot parse.
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -610,7 +615,8 @@ fn parse_request(read: &mut BytesMut, limits: &DirectLimits) -> Option<Parsed> {
     let head = &read[..len];
     let target = &head[target];
     let uri = if target == b"/" {
-        Uri::from_static("/")
+        // Cloned, not parsed again: `from_static` runs the parser on every call.
+        ROOT_TARGET.with(Uri::clone)
     } else {
         match Uri::try_from(target) {
             Ok(uri) => uri,
