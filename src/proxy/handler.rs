@@ -83,28 +83,37 @@ impl ProxyState {
 /// configuration change: a look-up in the shared snapshot costs two locked read-modify-writes
 /// (the snapshot's borrow and its release) besides the policy's own reference, on every
 /// request, while a change is seen here through one plain load.
+// Two words: it lives in every connection's task, idle ones included.
 pub struct ListenerPolicy {
-    listener: SocketAddr,
     /// The [`ProxyState`] generation `policy` was looked up in; `u64::MAX` before the first.
     generation: u64,
     policy: Option<Arc<PolicyRuntime>>,
 }
 
+impl Default for ListenerPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ListenerPolicy {
-    /// A cache for `listener`'s policy; the first request looks it up.
-    pub fn new(listener: SocketAddr) -> Self {
+    /// An empty cache; the first request looks the policy up.
+    pub fn new() -> Self {
         Self {
-            listener,
             generation: u64::MAX,
             policy: None,
         }
     }
 
-    /// The policy serving the listener now; `None` once the listener is no longer configured.
-    pub fn current(&mut self, state: &ProxyState) -> Option<Arc<PolicyRuntime>> {
+    /// The policy serving `listener` now; `None` once the listener is no longer configured.
+    pub fn current(
+        &mut self,
+        state: &ProxyState,
+        listener: SocketAddr,
+    ) -> Option<Arc<PolicyRuntime>> {
         let generation = state.generation.load(Ordering::Acquire);
         if generation != self.generation {
-            self.policy = state.policy_for(self.listener);
+            self.policy = state.policy_for(listener);
             self.generation = generation;
         }
         self.policy.clone()

@@ -252,11 +252,11 @@ async fn serve_connection(
             };
             let direct_ctx = ctx(false);
             let (state_ref, ctx_ref) = (&*state, &*direct_ctx);
-            let mut listener_policy = ListenerPolicy::new(configured);
+            let mut listener_policy = ListenerPolicy::new();
             // Each request's future is boxed: the connection's task then stays small while idle
             // (the handler's future is about 3 KiB).
             let ended = server::serve(stream, limits, &stop, |req| {
-                let policy = listener_policy.current(state_ref);
+                let policy = listener_policy.current(state_ref, ctx_ref.listener);
                 Box::pin(handle_under(state_ref, ctx_ref, req, policy))
             })
             .await;
