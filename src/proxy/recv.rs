@@ -64,21 +64,10 @@ fn poll_recv_via(
 ) -> Poll<io::Result<usize>> {
     loop {
         ready!(stream.poll_read_ready(cx))?;
-        let mut short = None;
-        let read = stream.try_io(Interest::READABLE, || {
-            let (n, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())
-                .map_err(io::Error::from)?;
-            if n > 0 && n < scratch.len() {
-                // Drained for now: `WouldBlock` makes tokio clear the readiness it saw (and
-                // only that one, so an event that came since is kept). The bytes are kept.
-                short = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        let read = match (read, short) {
-            (_, Some(n)) => Ok(n),
-            (Err(err), None)
+        match recv_if_ready(stream, scratch) {
+            // Readiness that was stale: wait for a fresh event.
+            None => continue,
+            Some(Err(err))
                 if matches!(
                     err.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
@@ -86,12 +75,37 @@ fn poll_recv_via(
             {
                 continue;
             }
-            (read, None) => read,
-        };
-        if let Ok(n) = read {
-            buf.extend_from_slice(&scratch[..n]);
+            Some(read) => {
+                if let Ok(n) = read {
+                    buf.extend_from_slice(&scratch[..n]);
+                }
+                return Poll::Ready(read);
+            }
         }
-        return Poll::Ready(read);
+    }
+}
+
+/// One `recv(2)` into `scratch`, made only if tokio knows the socket is readable (`None`: it
+/// did not, and nothing was called). A read shorter than `scratch` drained the socket for now:
+/// it is reported as a `WouldBlock` to tokio, which clears the readiness it saw (and only that
+/// one, so an event that came since is kept), and as its count to the caller; the bytes are
+/// in `scratch`.
+fn recv_if_ready(stream: &TcpStream, scratch: &mut [u8]) -> Option<io::Result<usize>> {
+    let mut called = false;
+    let mut short = None;
+    let read = stream.try_io(Interest::READABLE, || {
+        called = true;
+        let (n, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())
+            .map_err(io::Error::from)?;
+        if n > 0 && n < scratch.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Some(Ok(n)),
+        None => called.then_some(read),
     }
 }
 
@@ -123,27 +137,13 @@ pub fn try_recv_into(stream: &TcpStream, want: usize, sink: impl FnOnce(&[u8])) 
                 return TryRecv::Unknown;
             };
             let scratch = &mut scratch[..want];
-            let mut called = false;
-            let mut short = None;
-            let read = stream.try_io(Interest::READABLE, || {
-                called = true;
-                let (n, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())
-                    .map_err(io::Error::from)?;
-                if n > 0 && n < want {
-                    // As in `poll_recv_via`: drained for now, so tokio clears the readiness.
-                    short = Some(n);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            });
-            match (read, short) {
-                (_, Some(n)) | (Ok(n), None) => {
+            match recv_if_ready(stream, scratch) {
+                None => TryRecv::NotReadable,
+                Some(Ok(n)) => {
                     sink(&scratch[..n]);
                     TryRecv::Read(n)
                 }
-                // tokio answered from its readiness bits without calling the read.
-                (Err(_), None) if !called => TryRecv::NotReadable,
-                (Err(err), None)
+                Some(Err(err))
                     if matches!(
                         err.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
@@ -151,7 +151,7 @@ pub fn try_recv_into(stream: &TcpStream, want: usize, sink: impl FnOnce(&[u8])) 
                 {
                     TryRecv::Unknown
                 }
-                (Err(err), None) => TryRecv::Failed(err),
+                Some(Err(err)) => TryRecv::Failed(err),
             }
         })
         .unwrap_or(TryRecv::Unknown)
