@@ -74,7 +74,7 @@ impl ProxyState {
     }
 
     /// The policy now serving `listener`, from the snapshot in force.
-    fn policy_for(&self, listener: SocketAddr) -> Option<Arc<PolicyRuntime>> {
+    pub(super) fn policy_for(&self, listener: SocketAddr) -> Option<Arc<PolicyRuntime>> {
         self.snapshot.load().policy_for_listener(listener).cloned()
     }
 }

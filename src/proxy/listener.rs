@@ -151,12 +151,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(policy) = state
-            .snapshot
-            .load()
-            .policy_for_listener(configured)
-            .cloned()
-        else {
+        let Some(policy) = state.policy_for(configured) else {
             continue;
         };
         let limit = policy.config.limits.max_connections as usize;

@@ -394,11 +394,7 @@ fn poll_fill(
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     std::task::ready!(stream.poll_read_ready(cx))?;
-    if read.capacity() == 0 {
-        if let Some(spare) = take_spare(&SPARE_READ_BUFFERS) {
-            *read = spare;
-        }
-    }
+    lend_read_buffer(read);
     let mut total = 0;
     loop {
         let want = if read.is_empty() {
@@ -429,6 +425,16 @@ fn poll_fill(
     }
 }
 
+/// Gives an idle connection (`read` without capacity) one of this thread's spare read
+/// buffers, if there is one; once bytes are there to read, not before.
+fn lend_read_buffer(read: &mut BytesMut) {
+    if read.capacity() == 0 {
+        if let Some(spare) = take_spare(&SPARE_READ_BUFFERS) {
+            *read = spare;
+        }
+    }
+}
+
 /// [`poll_fill`] for a task that may have registered its waker for the socket's reads already:
 /// `armed` says it has, and that no readiness event came since (a poll that returned `Pending`
 /// registered it; tokio sets the readiness bits before it wakes, and only a read that found
@@ -448,11 +454,7 @@ fn poll_fill_armed(
             READ_CHUNK
         };
         let got = try_recv_into(stream, want, |bytes| {
-            if read.capacity() == 0 {
-                if let Some(spare) = take_spare(&SPARE_READ_BUFFERS) {
-                    *read = spare;
-                }
-            }
+            lend_read_buffer(read);
             read.reserve(want);
             read.extend_from_slice(bytes);
         });
