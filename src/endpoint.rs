@@ -188,7 +188,7 @@ impl EndpointState {
     /// Requests currently in flight here.
     pub fn in_flight(&self) -> u32 {
         // `finished` first: every request it counts was counted in `requests` before, so the
-        // difference never goes below zero (it may include requests that finished meanwhile).
+        // difference never goes below zero (it may include requests started meanwhile).
         let finished = self.finished.load(Ordering::Acquire);
         let started = self.requests.load(Ordering::Relaxed);
         u32::try_from(started.saturating_sub(finished)).unwrap_or(u32::MAX)
