@@ -14,21 +14,22 @@
 #   LATENCY_ROUNDS  interleaved rounds of the fixed-rate latency runs (default 7: a p99 is
 #                   easily moved by one episode of noise on the load core, so more rounds)
 #   WARMUP          seconds of unmeasured load per proxy and scenario (default 1, 0 = off)
-#   CONNECTIONS     wrk/oha/h2load connections for plain, features and h2 (default 32)
+#   CONNECTIONS     wrk/loadgen/h2load connections for plain, features and h2 (default 32)
 #   HIGH_CONNECTIONS  wrk connections for the c1000 scenario (default 1000)
 #   PAIRED_SLICES   slices of the paired scenario per pair (default 8)
 #   PAIRED_SECONDS  seconds per paired slice (default 5)
 #   H2_STREAMS      h2load concurrent streams per connection (default 10)
-#   RATE            fixed request rate for the oha latency runs (default: half of nginx's median
-#                   wrk req/s in this run's plain scenario)
+#   RATE            fixed request rate for the latency runs (bench/loadgen; default: half of
+#                   nginx's median wrk req/s in this run's plain scenario)
+#   LOADGEN_TICK_US the fixed-rate generator releases requests at multiples of this many
+#                   microseconds (default 250; 0 = each at its own time): see bench/README.md
 #   BREAKWATER_BIN  use this binary instead of building one
 #   PGO=0           build with plain `cargo build --release` (default 1: the profile-guided
 #                   build of bench/pgo.sh, which the Dockerfile ships)
-#   NO_INSTALL=1    never run apt-get or cargo install; fail if a required tool is missing
-#                   (a missing oha only skips the fixed-rate rows)
-#   OHA_INSTALL_TIMEOUT  seconds allowed for `cargo install oha` (default 1200)
+#   NO_INSTALL=1    never run apt-get; fail if a required tool is missing (bench/loadgen, the
+#                   fixed-rate generator, is built from this repository either way)
 #   CHECK_ONLY=1    start everything, check every proxy answers (and h2c), then stop; no load
-#   TOOLS_ROOT      where `cargo install oha` puts it (default ~/.cache/breakwater-tools)
+#   TOOLS_ROOT      where bench/loadgen is built (default ~/.cache/breakwater-tools)
 #   PIN=0           do not pin CPUs (default on 2+ CPUs: proxies on the last CPU, backend and
 #                   load generators on the others)
 set -euo pipefail
@@ -41,8 +42,8 @@ CONNECTIONS="${CONNECTIONS:-32}"
 HIGH_CONNECTIONS="${HIGH_CONNECTIONS:-1000}"
 H2_STREAMS="${H2_STREAMS:-10}"
 RATE="${RATE:-}"
+LOADGEN_TICK_US="${LOADGEN_TICK_US:-250}"
 NO_INSTALL="${NO_INSTALL:-0}"
-OHA_INSTALL_TIMEOUT="${OHA_INSTALL_TIMEOUT:-1200}"
 SCENARIOS="${SCENARIOS:-plain features c1000 h2 paired}"
 PAIRED_SLICES="${PAIRED_SLICES:-8}"
 PAIRED_SECONDS="${PAIRED_SECONDS:-5}"
@@ -59,9 +60,6 @@ if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2));
     PIN_LOAD=(taskset -c "0-$((LAST_CPU - 1))")
     LOAD_CPU_LAST=$((LAST_CPU - 1))
 fi
-# oha runs a tokio runtime with one worker per core of the machine unless told otherwise; on
-# fewer load CPUs the extra workers only take turns on them (and add wake-ups to its latencies).
-OHA_THREADS=$((LOAD_CPU_LAST >= 0 ? LOAD_CPU_LAST + 1 : $(nproc)))
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -81,8 +79,8 @@ check_int CONNECTIONS "$CONNECTIONS" 1 1000
 check_int HIGH_CONNECTIONS "$HIGH_CONNECTIONS" 1 5000
 check_int H2_STREAMS "$H2_STREAMS" 1 100
 check_int PAIRED_SLICES "$PAIRED_SLICES" 1 50
+check_int LOADGEN_TICK_US "$LOADGEN_TICK_US" 0 100000
 check_int PAIRED_SECONDS "$PAIRED_SECONDS" 1 60
-check_int OHA_INSTALL_TIMEOUT "$OHA_INSTALL_TIMEOUT" 60 3600
 [[ -z "$RATE" ]] || check_int RATE "$RATE" 1 10000000
 
 declare -A WANT=()
@@ -123,27 +121,21 @@ fi
 command -v wrk >/dev/null 2>&1 || die "wrk not found after install"
 command -v h2load >/dev/null 2>&1 || die "h2load not found after install"
 
-# oha: only the fixed-rate latency rows of `plain` need it. A failed install skips those rows.
-OHA="$(command -v oha || true)"
-[[ -z "$OHA" && -x "$TOOLS_ROOT/bin/oha" ]] && OHA="$TOOLS_ROOT/bin/oha"
-OHA_NOTE=""
-if [[ -z "$OHA" ]] && want plain; then
-    if [[ "$NO_INSTALL" == 1 ]]; then
-        OHA_NOTE="oha not found and NO_INSTALL=1: fixed-rate latency rows skipped"
-    elif ! command -v cargo >/dev/null 2>&1; then
-        OHA_NOTE="oha not found and no cargo to install it: fixed-rate latency rows skipped"
+# bench/loadgen: the fixed-rate latency rows of `plain` need it (see bench/README.md for why
+# not oha). Built from this repository, once per TOOLS_ROOT; a failed build skips those rows.
+LOADGEN=""
+LOADGEN_NOTE=""
+if want plain; then
+    mkdir -p "$TOOLS_ROOT"
+    log "building bench/loadgen (cargo build --release, in $TOOLS_ROOT/loadgen-target)"
+    if CARGO_TARGET_DIR="$TOOLS_ROOT/loadgen-target" timeout --kill-after=10 600 \
+        cargo build --release --locked --quiet --manifest-path "$ROOT/bench/loadgen/Cargo.toml" \
+        >"$TOOLS_ROOT/loadgen-build.log" 2>&1; then
+        LOADGEN="$TOOLS_ROOT/loadgen-target/release/breakwater-loadgen"
     else
-        log "installing oha: cargo install oha --locked --root $TOOLS_ROOT (up to ${OHA_INSTALL_TIMEOUT}s, once)"
-        mkdir -p "$TOOLS_ROOT"
-        if timeout --kill-after=10 "$OHA_INSTALL_TIMEOUT" \
-            cargo install oha --locked --root "$TOOLS_ROOT" >"$TOOLS_ROOT/oha-install.log" 2>&1 &&
-            [[ -x "$TOOLS_ROOT/bin/oha" ]]; then
-            OHA="$TOOLS_ROOT/bin/oha"
-        else
-            OHA_NOTE="cargo install oha failed (log: $TOOLS_ROOT/oha-install.log): fixed-rate latency rows skipped"
-        fi
+        LOADGEN_NOTE="building bench/loadgen failed (log: $TOOLS_ROOT/loadgen-build.log): fixed-rate latency rows skipped"
+        log "NOTE: $LOADGEN_NOTE"
     fi
-    [[ -z "$OHA_NOTE" ]] || log "NOTE: $OHA_NOTE"
 fi
 CLK_TCK="$(getconf CLK_TCK)"
 
@@ -419,8 +411,8 @@ load_cmd() {
     case "$tool" in
         wrk) CMD=(wrk -t"$LOAD_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency "http://127.0.0.1:$port/") ;;
         wrk1000) CMD=(wrk -t"$LOAD_THREADS" -c"$HIGH_CONNECTIONS" -d"${secs}s" --timeout 10s --latency "http://127.0.0.1:$port/") ;;
-        oha) CMD=("$OHA" --worker-threads "$OHA_THREADS" -z "${secs}s" -c "$CONNECTIONS" -q "$rate" --latency-correction --no-tui
-            --output-format json "http://127.0.0.1:$port/") ;;
+        rate) CMD=("$LOADGEN" --rate "$rate" --connections "$CONNECTIONS" --duration "$secs"
+            --tick-us "$LOADGEN_TICK_US" "http://127.0.0.1:$port/") ;;
         h2load) CMD=(h2load -t"$LOAD_THREADS" -c"$CONNECTIONS" -m"$H2_STREAMS" -D "$secs" "http://127.0.0.1:$port/") ;;
         *) die "unknown tool $tool" ;;
     esac
@@ -569,17 +561,17 @@ paired_s=0
 want paired && paired_s=$((5 * PAIRED_SLICES * PAIRED_SECONDS))
 log "about $((runs * DURATION + paired_s + 19 * WARMUP)) s of load ($runs measured runs of ${DURATION}s, ${paired_s}s paired)"
 
-OHA_RATE=0
+FIXED_RATE=0
 if want plain; then
     warmup plain wrk nginx haproxy breakwater nginx-fwd bw-fwd
     rounds plain wrk "" -- nginx haproxy breakwater nginx-fwd bw-fwd
-    if [[ -n "$OHA" ]]; then
-        OHA_RATE="${RATE:-$(($(median_rps plain nginx wrk) / 2))}"
-        if ((OHA_RATE < 1)); then
-            OHA_NOTE="could not derive a fixed rate from nginx's wrk runs: fixed-rate rows skipped"
+    if [[ -n "$LOADGEN" ]]; then
+        FIXED_RATE="${RATE:-$(($(median_rps plain nginx wrk) / 2))}"
+        if ((FIXED_RATE < 1)); then
+            LOADGEN_NOTE="could not derive a fixed rate from nginx's wrk runs: fixed-rate rows skipped"
         else
-            log "fixed-rate latency runs at $OHA_RATE req/s (oha, ${CONNECTIONS} connections)"
-            ROUNDS_NOW=$LATENCY_ROUNDS rounds plain oha "$OHA_RATE" -- nginx haproxy breakwater
+            log "fixed-rate latency runs at $FIXED_RATE req/s (bench/loadgen, ${CONNECTIONS} connections, tick ${LOADGEN_TICK_US} us)"
+            ROUNDS_NOW=$LATENCY_ROUNDS rounds plain rate "$FIXED_RATE" -- nginx haproxy breakwater
         fi
     fi
 fi
@@ -616,20 +608,21 @@ WRK_VERSION="$( (wrk --version 2>&1 || true) | head -n1 | awk '{print $1, $2}')"
 NGINX_VERSION="$("$NGINX" -v 2>&1 || true)"
 HAPROXY_VERSION="$("$HAPROXY" -v 2>/dev/null | head -n1 | awk '{print "haproxy", $3}')"
 H2LOAD_VERSION="$(h2load --version 2>/dev/null | head -n1)"
-OHA_VERSION="$([[ -n "$OHA" ]] && "$OHA" --version 2>/dev/null | head -n1 || echo "oha: not available")"
+LOADGEN_REV="$(git -C "$ROOT" log -1 --format=%h -- bench/loadgen 2>/dev/null || true)"
+LOADGEN_VERSION="$([[ -n "$LOADGEN" ]] && echo "bench/loadgen (${LOADGEN_REV:-uncommitted})" || echo "bench/loadgen: not built")"
 HEADER="breakwater comparison (issue #7)  $(date -u +%Y-%m-%dT%H:%M:%SZ)
 host: $(nproc) CPUs, $(uname -sr)
-tools: $NGINX_VERSION; $HAPROXY_VERSION; $WRK_VERSION; $OHA_VERSION; $H2LOAD_VERSION
+tools: $NGINX_VERSION; $HAPROXY_VERSION; $WRK_VERSION; $LOADGEN_VERSION; $H2LOAD_VERSION
 breakwater: $BW_VERSION ($BIN)
-scenarios: $SCENARIO_LIST; DURATION=${DURATION}s ROUNDS=$ROUNDS LATENCY_ROUNDS=$LATENCY_ROUNDS WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS HIGH_CONNECTIONS=$HIGH_CONNECTIONS H2_STREAMS=$H2_STREAMS
+scenarios: $SCENARIO_LIST; DURATION=${DURATION}s ROUNDS=$ROUNDS LATENCY_ROUNDS=$LATENCY_ROUNDS WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS HIGH_CONNECTIONS=$HIGH_CONNECTIONS H2_STREAMS=$H2_STREAMS LOADGEN_TICK_US=$LOADGEN_TICK_US
 backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64), haproxy nbthread 1 (http-reuse always), breakwater --workers 1 (breakwater: no forwarding headers, as nginx and haproxy here; nginx-fwd and bw-fwd both add X-Forwarded-*, Forwarded, Via)
 CPU: utime+stime from /proc (process + child processes), CLK_TCK=$CLK_TCK; RSS: VmHWM (peak)
 pinning: ${PIN_PROXY[*]:-none} for the proxies, ${PIN_LOAD[*]:-none} for backend and load tools"
 
-REPORT="$(python3 - "$RAW" "$CLK_TCK" "$OHA_NOTE" "$H2_NOTE" <<'PY'
+REPORT="$(python3 - "$RAW" "$CLK_TCK" "$LOADGEN_NOTE" "$H2_NOTE" <<'PY'
 import json, re, statistics, sys
 
-raw_path, clk, oha_note, h2_note = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+raw_path, clk, loadgen_note, h2_note = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 NAN = float("nan")
 
@@ -659,23 +652,27 @@ def parse_wrk(text):
     d["errors"] = errs
     return d
 
-def parse_oha(text):
+def parse_rate(text):
+    # bench/loadgen prints oha's JSON shape (the fields read here) plus its own "loadgen" part.
     j = json.loads(text)
     s = j["summary"]
     lp = j.get("latencyPercentiles", {})
     codes = {str(k): int(v) for k, v in (j.get("statusCodeDistribution") or {}).items()}
     ok = sum(v for k, v in codes.items() if k.startswith("2"))
     errs = sum(v for k, v in codes.items() if not k.startswith("2"))
-    # Requests still in flight when the run's time is up are "aborted due to deadline": an
-    # artefact of stopping, like wrk's unfinished requests, not a proxy error.
-    errs += sum(int(v) for k, v in (j.get("errorDistribution") or {}).items()
-                if "deadline" not in k)
+    # loadgen waits out every due request (up to its grace period), so every error counts.
+    errs += sum(int(v) for v in (j.get("errorDistribution") or {}).values())
     def ms(key):
         v = lp.get(key)
         return v * 1e3 if v is not None else NAN
     kinds = {k: int(v) for k, v in (j.get("errorDistribution") or {}).items()}
+    lg = j.get("loadgen") or {}
+    # How late the generator woke up for a due request with a connection free (ms): its own
+    # delay, not the proxy's (the send lag, due to send, also holds waits for a busy proxy).
+    lag = {k: (lg[k] * 1e3 if k in lg else NAN) for k in ("wakeLateP99", "wakeLateMax")}
     return {"rps": s.get("requestsPerSec") or NAN, "requests": ok + errs, "kinds": kinds,
-            "p50": ms("p50"), "p99": ms("p99"), "p999": ms("p99.9"), "errors": errs}
+            "p50": ms("p50"), "p99": ms("p99"), "p999": ms("p99.9"), "errors": errs,
+            "lag_p99": lag["wakeLateP99"], "lag_max": lag["wakeLateMax"]}
 
 def parse_h2load(text):
     m = re.search(r"finished in [0-9.]+\w+, ([0-9.]+) req/s", text)
@@ -693,7 +690,7 @@ def parse_h2load(text):
     return {"rps": float(m.group(1)), "requests": int(r.group(3)), "p50": mean, "p99": NAN,
             "p999": NAN, "errors": errs}
 
-PARSE = {"wrk": parse_wrk, "wrk1000": parse_wrk, "oha": parse_oha, "h2load": parse_h2load}
+PARSE = {"wrk": parse_wrk, "wrk1000": parse_wrk, "rate": parse_rate, "h2load": parse_h2load}
 rows = []
 for line in open(raw_path):
     (scen, name, rnd, tool, ticks, rss, path, rate, lines, user, sys_, load_busy, load_total,
@@ -746,7 +743,7 @@ def f(v, spec):
 
 TITLE = {
     ("plain", "wrk"): "plain forwarding, max throughput (wrk, fixed concurrency)",
-    ("plain", "oha"): "plain forwarding, fixed rate (oha, latency-corrected)",
+    ("plain", "rate"): "plain forwarding, fixed rate (bench/loadgen, latency from each request's due time)",
     ("features", "wrk"): "all features on (breakwater) vs nginx plain (wrk)",
     ("c1000", "wrk1000"): "1000 concurrent keep-alive connections (wrk)",
     ("h2", "h2load"): "HTTP/2 client side, h2c prior knowledge (h2load; upstream HTTP/1.1)",
@@ -765,8 +762,8 @@ hdr = (f"{'proxy':<17}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'r
        f"{'CPU s':>7}{'user us/req':>12}{'sys us/req':>11}{'RSS MiB':>9}{'errors':>8}")
 for scen, tool in groups():
     title = TITLE.get((scen, tool), f"{scen} ({tool})")
-    if tool == "oha":
-        title += f" at {rows[[r['tool'] for r in rows].index('oha')]['rate']} req/s"
+    if tool == "rate":
+        title += f" at {rows[[r['tool'] for r in rows].index('rate')]['rate']} req/s"
     out.append(f"== {scen}: {title} -- medians")
     out.append(hdr)
     out.append("-" * len(hdr))
@@ -778,8 +775,13 @@ for scen, tool in groups():
                    f"{m['rss_mib']:>9.1f}{m['errors']:>8d}")
     if tool == "h2load":
         out.append("(h2load prints no percentiles: the p50 column holds its mean request time)")
-    if tool == "oha":
-        out.append("load CPUs (backend + oha) during these runs, median busy % / highest steal %: "
+    if tool == "rate":
+        out.append("generator's own lateness (woke after a request was due), median of the rounds' "
+                   "p99 / worst (ms): "
+                   + ", ".join(f"{n} {f(nanmedian([r['lag_p99'] for r in med[(scen, tool, n)]['rounds']]), '.3f')} / "
+                               f"{f(max((r['lag_max'] for r in med[(scen, tool, n)]['rounds']), default=NAN), '.3f')}"
+                               for n in names(scen, tool)))
+        out.append("load CPUs (backend + loadgen) during these runs, median busy % / highest steal %: "
                    + ", ".join(f"{n} {f(med[(scen, tool, n)]['load_busy'], '.0f')} / "
                                f"{f(med[(scen, tool, n)]['steal_max'], '.1f')}"
                                for n in names(scen, tool)))
@@ -792,10 +794,9 @@ for scen, tool in groups():
 
 for r in rows:
     if r.get("kinds"):
-        out.append(f"oha error kinds, {r['scen']} {r['name']} round {r['round']} "
-                   f"('aborted due to deadline' = cut off at the end of the run, not counted): {r['kinds']}")
+        out.append(f"loadgen error kinds, {r['scen']} {r['name']} round {r['round']}: {r['kinds']}")
         out.append("")
-for note in (oha_note, h2_note):
+for note in (loadgen_note, h2_note):
     if note:
         out.append(f"NOTE: {note.strip()}")
         out.append("")
@@ -832,9 +833,9 @@ def ratio_line(label, scen, tool, a, b, key, what, op=None, target=None, scen_b=
 out.append("== ratios (targets from issue #7)")
 ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "rpc", "req/CPU-s", ">=", 1.10)
 ratio_line("plain", "plain", "wrk", "breakwater", "haproxy", "rpc", "req/CPU-s", ">=", 1.00)
-ratio_line("plain", "plain", "oha", "breakwater", "nginx", "p99", "p99 at fixed rate", "<=", 1.00)
-ratio_line("plain", "plain", "oha", "breakwater", "haproxy", "p99", "p99 at fixed rate")
-ratio_line("plain", "plain", "oha", "breakwater", "nginx", "p999", "p99.9 at fixed rate")
+ratio_line("plain", "plain", "rate", "breakwater", "nginx", "p99", "p99 at fixed rate", "<=", 1.00)
+ratio_line("plain", "plain", "rate", "breakwater", "haproxy", "p99", "p99 at fixed rate")
+ratio_line("plain", "plain", "rate", "breakwater", "nginx", "p999", "p99.9 at fixed rate")
 ratio_line("plain", "plain", "wrk", "breakwater", "nginx", "rps", "req/s")
 ratio_line("plain", "plain", "wrk", "breakwater", "haproxy", "rps", "req/s")
 ratio_line("plain", "plain", "wrk", "bw-fwd", "nginx-fwd", "rpc",
@@ -887,13 +888,13 @@ if any(r["scen"].startswith("paired-") for r in rows):
 out.append("== per round")
 out.append(f"{'scenario':<21}{'tool':<9}{'round':<7}{'proxy':<17}{'req/s':>10}{'requests':>10}{'p50 ms':>9}"
            f"{'p99 ms':>9}{'p99.9 ms':>10}{'CPU s':>7}{'req/CPU-s':>11}{'errors':>8}{'load CPU %':>11}"
-           f"{'steal %':>8}")
+           f"{'steal %':>8}{'late p99 ms':>12}")
 order = {k: i for i, k in enumerate(groups())}
 for r in sorted(rows, key=lambda r: (order[(r["scen"], r["tool"])], r["round"])):
     out.append(f"{r['scen']:<21}{r['tool']:<9}{r['round']:<7}{r['name']:<17}{f(r['rps'], '>10.0f')}"
                f"{r['requests']:>10d}{f(r['p50'], '>9.3f')}{f(r['p99'], '>9.3f')}{f(r['p999'], '>10.3f')}"
                f"{r['cpu_s']:>7.2f}{f(r['rpc'], '>11.0f')}{r['errors']:>8d}{f(r['load_busy'], '>11.0f')}"
-               f"{f(r['steal'], '>8.1f')}")
+               f"{f(r['steal'], '>8.1f')}{f(r.get('lag_p99', NAN), '>12.3f')}")
 if any(r["errors"] for r in rows):
     out.append("")
     out.append("WARNING: some runs had socket errors or non-2xx responses (see 'errors').")

@@ -38,6 +38,12 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "--- cargo test"
 cargo test --all-targets --locked
 
+# bench/loadgen (the fixed-rate load generator of bench/compare.sh) is its own small crate.
+echo "--- bench/loadgen: fmt, clippy, tests"
+cargo fmt --manifest-path bench/loadgen/Cargo.toml -- --check
+cargo clippy --manifest-path bench/loadgen/Cargo.toml --all-targets --locked -- -D warnings
+cargo test --manifest-path bench/loadgen/Cargo.toml --locked
+
 # Time-boxed fuzzing of the policy parser and the header code (see tests/fuzz/README.md): a
 # smoke run on an unoptimised build (it compiles in a fraction of the time of an optimised
 # one); FUZZ_SECONDS=0 skips it, long runs are documented in the README.
