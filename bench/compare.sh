@@ -11,8 +11,11 @@
 #   ROUNDS          interleaved rounds per scenario (default 5: on a shared VM one proxy's
 #                   req/CPU-s moves by up to 10 % from round to round, and a median of three
 #                   is moved by one bad round)
-#   LATENCY_ROUNDS  interleaved rounds of the fixed-rate latency runs (default 7: a p99 is
-#                   easily moved by one episode of noise on the load core, so more rounds)
+#   LATENCY_ROUNDS  interleaved rounds of the fixed-rate latency runs (default 14)
+#   LATENCY_SECONDS seconds per fixed-rate run (default 5). The machine's stall episodes
+#                   (a few ms, every second or so, for every proxy) set the p99, so many
+#                   short interleaved runs, pooled, compare the proxies better than a few
+#                   long ones
 #   WARMUP          seconds of unmeasured load per proxy and scenario (default 1, 0 = off)
 #   CONNECTIONS     wrk/loadgen/h2load connections for plain, features and h2 (default 32)
 #   HIGH_CONNECTIONS  wrk connections for the c1000 scenario (default 1000)
@@ -23,6 +26,7 @@
 #                   nginx's median wrk req/s in this run's plain scenario)
 #   LOADGEN_TICK_US the fixed-rate generator releases requests at multiples of this many
 #                   microseconds (default 250; 0 = each at its own time): see bench/README.md
+#   LOADGEN_TRACE_DIR  write each fixed-rate run's per-request due time and latency there (CSV)
 #   BREAKWATER_BIN  use this binary instead of building one
 #   PGO=0           build with plain `cargo build --release` (default 1: the profile-guided
 #                   build of bench/pgo.sh, which the Dockerfile ships)
@@ -36,13 +40,15 @@ set -euo pipefail
 
 DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-5}"
-LATENCY_ROUNDS="${LATENCY_ROUNDS:-7}"
+LATENCY_ROUNDS="${LATENCY_ROUNDS:-14}"
+LATENCY_SECONDS="${LATENCY_SECONDS:-5}"
 WARMUP="${WARMUP:-1}"
 CONNECTIONS="${CONNECTIONS:-32}"
 HIGH_CONNECTIONS="${HIGH_CONNECTIONS:-1000}"
 H2_STREAMS="${H2_STREAMS:-10}"
 RATE="${RATE:-}"
 LOADGEN_TICK_US="${LOADGEN_TICK_US:-250}"
+LOADGEN_TRACE_DIR="${LOADGEN_TRACE_DIR:-}"
 NO_INSTALL="${NO_INSTALL:-0}"
 SCENARIOS="${SCENARIOS:-plain features c1000 h2 paired}"
 PAIRED_SLICES="${PAIRED_SLICES:-8}"
@@ -73,13 +79,15 @@ source "$SCRIPT_DIR/lib.sh"
 
 check_int DURATION "$DURATION" 1 300
 check_int ROUNDS "$ROUNDS" 1 20
-check_int LATENCY_ROUNDS "$LATENCY_ROUNDS" 1 20
+check_int LATENCY_ROUNDS "$LATENCY_ROUNDS" 1 50
+check_int LATENCY_SECONDS "$LATENCY_SECONDS" 1 300
 check_int WARMUP "$WARMUP" 0 60
 check_int CONNECTIONS "$CONNECTIONS" 1 1000
 check_int HIGH_CONNECTIONS "$HIGH_CONNECTIONS" 1 5000
 check_int H2_STREAMS "$H2_STREAMS" 1 100
 check_int PAIRED_SLICES "$PAIRED_SLICES" 1 50
 check_int LOADGEN_TICK_US "$LOADGEN_TICK_US" 0 100000
+[[ -z "$LOADGEN_TRACE_DIR" ]] || mkdir -p "$LOADGEN_TRACE_DIR" || die "cannot create LOADGEN_TRACE_DIR $LOADGEN_TRACE_DIR"
 check_int PAIRED_SECONDS "$PAIRED_SECONDS" 1 60
 [[ -z "$RATE" ]] || check_int RATE "$RATE" 1 10000000
 
@@ -412,14 +420,15 @@ load_cmd() {
         wrk) CMD=(wrk -t"$LOAD_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency "http://127.0.0.1:$port/") ;;
         wrk1000) CMD=(wrk -t"$LOAD_THREADS" -c"$HIGH_CONNECTIONS" -d"${secs}s" --timeout 10s --latency "http://127.0.0.1:$port/") ;;
         rate) CMD=("$LOADGEN" --rate "$rate" --connections "$CONNECTIONS" --duration "$secs"
-            --tick-us "$LOADGEN_TICK_US" "http://127.0.0.1:$port/") ;;
+            --tick-us "$LOADGEN_TICK_US" "http://127.0.0.1:$port/")
+            [[ -z "$LOADGEN_TRACE_DIR" ]] || CMD+=(--trace "$LOADGEN_TRACE_DIR/$(basename "${OUTFILE:-run}" .out).csv") ;;
         h2load) CMD=(h2load -t"$LOAD_THREADS" -c"$CONNECTIONS" -m"$H2_STREAMS" -D "$secs" "http://127.0.0.1:$port/") ;;
         *) die "unknown tool $tool" ;;
     esac
 }
 
 run_load() { # tool port seconds outfile [rate]
-    local CMD=()
+    local CMD=() OUTFILE="$4" # load_cmd names a trace after OUTFILE
     load_cmd "$1" "$2" "$3" "${5:-}"
     if ! timeout --kill-after=5 "$TOOL_TIMEOUT" "${PIN_LOAD[@]}" "${CMD[@]}" >"$4" 2>"$4.err"; then
         cat "$4" "$4.err" >&2 || true
@@ -457,12 +466,13 @@ measure() {
     pid="${PROXY_PID[$name]}"
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) is no longer running"
     out="$TMP/$scen-$name-$tool-$r.out"
-    log "$scen round $r/${ROUNDS_NOW:-$ROUNDS}: $name ($tool, ${DURATION}s${rate:+, ${rate} req/s})"
+    local secs="${RUN_SECONDS:-$DURATION}"
+    log "$scen round $r/${ROUNDS_NOW:-$ROUNDS}: $name ($tool, ${secs}s${rate:+, ${rate} req/s})"
     [[ -n "${ACCESS_LOG[$name]:-}" ]] && : >"${ACCESS_LOG[$name]}"
     local u0 s0 u1 s1 lb0 lt0 st0 lb1 lt1 st1
     read -r lb0 lt0 st0 < <(load_cpu_ticks)
     read -r u0 s0 < <(cpu_ticks_split "$pid")
-    run_load "$tool" "$port" "$DURATION" "$out" "$rate"
+    run_load "$tool" "$port" "$secs" "$out" "$rate"
     read -r u1 s1 < <(cpu_ticks_split "$pid")
     read -r lb1 lt1 st1 < <(load_cpu_ticks)
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) died during $scen round $r"
@@ -553,13 +563,15 @@ PY
 # Scenarios
 # ---------------------------------------------------------------------------
 runs=0
-want plain && runs=$((runs + 5 * ROUNDS + 3 * LATENCY_ROUNDS))
+want plain && runs=$((runs + 5 * ROUNDS))
+latency_s=0
+want plain && latency_s=$((3 * LATENCY_ROUNDS * LATENCY_SECONDS))
 want features && runs=$((runs + 3 * ROUNDS))
 want c1000 && runs=$((runs + 3 * ROUNDS))
 want h2 && runs=$((runs + 3 * ROUNDS))
 paired_s=0
 want paired && paired_s=$((5 * PAIRED_SLICES * PAIRED_SECONDS))
-log "about $((runs * DURATION + paired_s + 19 * WARMUP)) s of load ($runs measured runs of ${DURATION}s, ${paired_s}s paired)"
+log "about $((runs * DURATION + latency_s + paired_s + 19 * WARMUP)) s of load ($runs measured runs of ${DURATION}s, ${latency_s}s fixed-rate, ${paired_s}s paired)"
 
 FIXED_RATE=0
 if want plain; then
@@ -571,7 +583,7 @@ if want plain; then
             LOADGEN_NOTE="could not derive a fixed rate from nginx's wrk runs: fixed-rate rows skipped"
         else
             log "fixed-rate latency runs at $FIXED_RATE req/s (bench/loadgen, ${CONNECTIONS} connections, tick ${LOADGEN_TICK_US} us)"
-            ROUNDS_NOW=$LATENCY_ROUNDS rounds plain rate "$FIXED_RATE" -- nginx haproxy breakwater
+            RUN_SECONDS=$LATENCY_SECONDS ROUNDS_NOW=$LATENCY_ROUNDS rounds plain rate "$FIXED_RATE" -- nginx haproxy breakwater
         fi
     fi
 fi
@@ -614,13 +626,13 @@ HEADER="breakwater comparison (issue #7)  $(date -u +%Y-%m-%dT%H:%M:%SZ)
 host: $(nproc) CPUs, $(uname -sr)
 tools: $NGINX_VERSION; $HAPROXY_VERSION; $WRK_VERSION; $LOADGEN_VERSION; $H2LOAD_VERSION
 breakwater: $BW_VERSION ($BIN)
-scenarios: $SCENARIO_LIST; DURATION=${DURATION}s ROUNDS=$ROUNDS LATENCY_ROUNDS=$LATENCY_ROUNDS WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS HIGH_CONNECTIONS=$HIGH_CONNECTIONS H2_STREAMS=$H2_STREAMS LOADGEN_TICK_US=$LOADGEN_TICK_US
+scenarios: $SCENARIO_LIST; DURATION=${DURATION}s ROUNDS=$ROUNDS LATENCY_ROUNDS=$LATENCY_ROUNDS LATENCY_SECONDS=${LATENCY_SECONDS}s WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS HIGH_CONNECTIONS=$HIGH_CONNECTIONS H2_STREAMS=$H2_STREAMS LOADGEN_TICK_US=$LOADGEN_TICK_US
 backend: nginx 1 worker, return 200 \"ok\\n\"; proxies: nginx 1 worker (upstream keepalive 64), haproxy nbthread 1 (http-reuse always), breakwater --workers 1 (breakwater: no forwarding headers, as nginx and haproxy here; nginx-fwd and bw-fwd both add X-Forwarded-*, Forwarded, Via)
 CPU: utime+stime from /proc (process + child processes), CLK_TCK=$CLK_TCK; RSS: VmHWM (peak)
 pinning: ${PIN_PROXY[*]:-none} for the proxies, ${PIN_LOAD[*]:-none} for backend and load tools"
 
 REPORT="$(python3 - "$RAW" "$CLK_TCK" "$LOADGEN_NOTE" "$H2_NOTE" <<'PY'
-import json, re, statistics, sys
+import json, math, re, statistics, sys
 
 raw_path, clk, loadgen_note, h2_note = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -672,7 +684,8 @@ def parse_rate(text):
     lag = {k: (lg[k] * 1e3 if k in lg else NAN) for k in ("wakeLateP99", "wakeLateMax")}
     return {"rps": s.get("requestsPerSec") or NAN, "requests": ok + errs, "kinds": kinds,
             "p50": ms("p50"), "p99": ms("p99"), "p999": ms("p99.9"), "errors": errs,
-            "lag_p99": lag["wakeLateP99"], "lag_max": lag["wakeLateMax"]}
+            "lag_p99": lag["wakeLateP99"], "lag_max": lag["wakeLateMax"],
+            "hist": j.get("latencyHistogramUs")}
 
 def parse_h2load(text):
     m = re.search(r"finished in [0-9.]+\w+, ([0-9.]+) req/s", text)
@@ -726,6 +739,21 @@ def nanmedian(xs):
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else NAN
 
+def pooled_quantiles(counts, qs):
+    """Nearest-rank quantiles (ms) of a {microseconds: count} histogram."""
+    total = sum(counts.values())
+    out, items = [], sorted(counts.items())
+    for q in qs:
+        rank, seen = max(1, math.ceil(q * total)), 0
+        for us, c in items:
+            seen += c
+            if seen >= rank:
+                out.append(us / 1e3)
+                break
+        else:
+            out.append(NAN)
+    return out
+
 med = {}
 for scen, tool in groups():
     for n in names(scen, tool):
@@ -736,6 +764,15 @@ for scen, tool in groups():
         m["rss_mib"] = max(r["rss_mib"] for r in rs)
         m["errors"] = sum(r["errors"] for r in rs)
         m["rounds"] = rs
+        hists = [r.get("hist") for r in rs]
+        if tool == "rate" and all(hists):
+            # Percentiles of every request of every round, pooled: a round's p99 rides on how
+            # many of the machine's stall episodes fell into it; the pool averages that out.
+            counts = {}
+            for h in hists:
+                for us, c in h:
+                    counts[us] = counts.get(us, 0) + c
+            m["p50"], m["p99"], m["p999"] = pooled_quantiles(counts, (0.5, 0.99, 0.999))
         med[(scen, tool, n)] = m
 
 def f(v, spec):
@@ -743,7 +780,8 @@ def f(v, spec):
 
 TITLE = {
     ("plain", "wrk"): "plain forwarding, max throughput (wrk, fixed concurrency)",
-    ("plain", "rate"): "plain forwarding, fixed rate (bench/loadgen, latency from each request's due time)",
+    ("plain", "rate"): ("plain forwarding, fixed rate (bench/loadgen, latency from each request's due "
+                        "time; p50/p99/p99.9 over all rounds' requests pooled)"),
     ("features", "wrk"): "all features on (breakwater) vs nginx plain (wrk)",
     ("c1000", "wrk1000"): "1000 concurrent keep-alive connections (wrk)",
     ("h2", "h2load"): "HTTP/2 client side, h2c prior knowledge (h2load; upstream HTTP/1.1)",

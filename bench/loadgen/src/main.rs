@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 mod http;
 
 const USAGE: &str = "usage: breakwater-loadgen --rate REQ_PER_S --connections N --duration SECS \
-                     [--grace SECS] [--tick-us MICROS] http://HOST:PORT/PATH";
+                     [--grace SECS] [--tick-us MICROS] [--trace CSV_FILE] http://HOST:PORT/PATH";
 /// Largest response this tool buffers; anything bigger is a configuration mistake here.
 const MAX_RESPONSE: usize = 1 << 20;
 const CLOSED: &str = "connection closed by the peer";
@@ -41,10 +41,12 @@ struct Args {
     grace: Duration,
     /// Send in batches at multiples of this many nanoseconds (0: each request at its own time).
     tick_ns: u64,
+    /// Where to write every response's due time and latency (CSV, microseconds).
+    trace: Option<std::path::PathBuf>,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut tick_us = 0.0;
+    let (mut tick_us, mut trace) = (0.0, None);
     let (mut rate, mut connections, mut duration, mut grace, mut url) =
         (None, None, None, 5.0, None);
     while let Some(arg) = it.next() {
@@ -57,6 +59,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--duration" => duration = Some(number(&value("--duration")?, "--duration")?),
             "--grace" => grace = number(&value("--grace")?, "--grace")?,
             "--tick-us" => tick_us = number(&value("--tick-us")?, "--tick-us")?,
+            "--trace" => trace = Some(value("--trace")?.into()),
             "-h" | "--help" => return Err(USAGE.to_owned()),
             _ if arg.starts_with('-') => return Err(format!("unknown option {arg}\n{USAGE}")),
             _ => url = Some(arg),
@@ -112,6 +115,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         duration: Duration::from_secs_f64(duration),
         grace: Duration::from_secs_f64(grace),
         tick_ns: tick_us as u64 * 1000,
+        trace,
     })
 }
 
@@ -197,6 +201,8 @@ struct Conn {
 #[derive(Default)]
 struct Tally {
     latencies_ns: Vec<u64>,
+    /// (due, latency) of every response, kept only for `--trace`.
+    trace: Vec<(u64, u64)>,
     /// Due time to send, per request: includes waiting for a free connection, i.e. for the
     /// server under test.
     send_lag_ns: Vec<u64>,
@@ -395,6 +401,9 @@ fn run(args: &Args) -> io::Result<(Tally, u64, u64, Duration)> {
                     let done = now_ns();
                     if let Some(due_at) = conn.in_flight.take() {
                         tally.latencies_ns.push(done.saturating_sub(due_at));
+                        if args.trace.is_some() {
+                            tally.trace.push((due_at, done.saturating_sub(due_at)));
+                        }
                         *tally.status.entry(status).or_default() += 1;
                         in_flight -= 1;
                     }
@@ -469,6 +478,19 @@ fn report(args: &Args, mut tally: Tally, due: u64, sent: u64, elapsed: Duration)
         .sum();
     let lat = |q: f64| secs(quantile(&tally.latencies_ns, q));
     let lag = |q: f64| secs(quantile(&tally.send_lag_ns, q));
+    // Every latency, to the microsecond, as [value, count] pairs: runs can then be pooled
+    // exactly (the percentiles of all requests of several runs, not a median of percentiles).
+    let mut histogram = String::new();
+    let mut i = 0;
+    while i < tally.latencies_ns.len() {
+        let us = tally.latencies_ns[i] / 1000;
+        let run = tally.latencies_ns[i..].partition_point(|&ns| ns / 1000 == us);
+        if !histogram.is_empty() {
+            histogram.push(',');
+        }
+        histogram.push_str(&format!("[{us},{run}]"));
+        i += run;
+    }
     let status = tally
         .status
         .iter()
@@ -491,6 +513,7 @@ fn report(args: &Args, mut tally: Tally, due: u64, sent: u64, elapsed: Duration)
         concat!(
             "{{\"summary\":{{\"successRate\":{},\"total\":{},\"requestsPerSec\":{}}},",
             "\"latencyPercentiles\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p99.9\":{},\"p99.99\":{}}},",
+            "\"latencyHistogramUs\":[{}],",
             "\"statusCodeDistribution\":{{{}}},\"errorDistribution\":{{{}}},",
             "\"loadgen\":{{\"rate\":{},\"connections\":{},\"due\":{},\"sent\":{},",
             "\"sendLagP50\":{},\"sendLagP99\":{},\"sendLagMax\":{},\"maxBacklog\":{},",
@@ -504,6 +527,7 @@ fn report(args: &Args, mut tally: Tally, due: u64, sent: u64, elapsed: Duration)
         lat(0.99),
         lat(0.999),
         lat(0.9999),
+        histogram,
         status,
         errs,
         args.rate,
@@ -528,7 +552,19 @@ fn main() {
         }
     };
     match run(&args) {
-        Ok((tally, due, sent, elapsed)) => println!("{}", report(&args, tally, due, sent, elapsed)),
+        Ok((tally, due, sent, elapsed)) => {
+            if let Some(path) = &args.trace {
+                let mut csv = String::from("due_us,latency_us\n");
+                for (due_at, latency) in &tally.trace {
+                    csv.push_str(&format!("{},{}\n", due_at / 1000, latency / 1000));
+                }
+                if let Err(e) = std::fs::write(path, csv) {
+                    eprintln!("breakwater-loadgen: cannot write {}: {e}", path.display());
+                    std::process::exit(1);
+                }
+            }
+            println!("{}", report(&args, tally, due, sent, elapsed))
+        }
         Err(e) => {
             eprintln!("breakwater-loadgen: {e}");
             std::process::exit(1);
@@ -599,6 +635,35 @@ mod tests {
             .is_err()
         );
         assert!(args(&["--rate", "10", "--connections", "1", "http://127.0.0.1:1/"]).is_err());
+    }
+
+    #[test]
+    fn the_report_carries_a_histogram_to_the_microsecond() {
+        let a = args(&[
+            "--rate",
+            "10",
+            "--connections",
+            "1",
+            "--duration",
+            "1",
+            "http://127.0.0.1:1/",
+        ])
+        .unwrap();
+        let mut tally = Tally {
+            latencies_ns: vec![5_000, 1_700, 2_100, 1_500],
+            ..Tally::default()
+        };
+        tally.status.insert(200, 4);
+        let json = report(&a, tally, 4, 4, Duration::from_secs(1));
+        assert!(
+            json.contains("\"latencyHistogramUs\":[[1,2],[2,1],[5,1]]"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"statusCodeDistribution\":{\"200\":4}"),
+            "{json}"
+        );
+        assert!(json.contains("\"p50\":0.0000017,"), "{json}");
     }
 
     #[test]
