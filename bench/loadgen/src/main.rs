@@ -228,6 +228,13 @@ fn connect(args: &Args, epoll: &Epoll, token: usize) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// Puts a connection back on the idle stack, which must not hold it already: a slot there twice
+/// would carry two requests at once.
+fn release(idle: &mut Vec<usize>, token: usize) {
+    debug_assert!(!idle.contains(&token), "connection {token} released twice");
+    idle.push(token);
+}
+
 /// What one readable event on a connection came to.
 enum Readable {
     /// Nothing complete yet.
@@ -328,14 +335,14 @@ fn run(args: &Args) -> io::Result<(Tally, u64, u64, Duration)> {
                     Ok(s) => conn.stream = Some(s),
                     Err(e) => {
                         tally.error(format!("connect: {}", e.kind()));
-                        idle.push(token);
+                        release(&mut idle, token);
                         next += 1;
                         continue;
                     }
                 }
             }
             let Some(stream) = conn.stream.as_mut() else {
-                idle.push(token);
+                release(&mut idle, token);
                 continue;
             };
             let sent_at = now_ns();
@@ -350,12 +357,12 @@ fn run(args: &Args) -> io::Result<(Tally, u64, u64, Duration)> {
                 Ok(_) => {
                     tally.error("write: partial");
                     conn.stream = None;
-                    idle.push(token);
+                    release(&mut idle, token);
                 }
                 Err(e) => {
                     tally.error(format!("write: {}", e.kind()));
                     conn.stream = None;
-                    idle.push(token);
+                    release(&mut idle, token);
                 }
             }
             next += 1;
@@ -410,21 +417,22 @@ fn run(args: &Args) -> io::Result<(Tally, u64, u64, Duration)> {
                     if !keep_alive {
                         conn.stream = None;
                     }
-                    idle.push(token);
+                    release(&mut idle, token);
                 }
                 Readable::Broken(why) => {
                     // The next request on this slot reconnects. An idle keep-alive connection
                     // the server closed is not an error; anything else is.
                     let was_busy = conn.in_flight.take().is_some();
-                    if was_busy {
-                        in_flight -= 1;
-                    }
                     if was_busy || why != CLOSED {
                         tally.error(why);
                     }
                     conn.stream = None;
                     conn.filled = 0;
-                    idle.push(token);
+                    // An idle slot is on the idle stack already.
+                    if was_busy {
+                        in_flight -= 1;
+                        release(&mut idle, token);
+                    }
                 }
             }
         }
@@ -678,7 +686,11 @@ mod tests {
 
     /// A real keep-alive server on loopback that answers after `delay`: the generator must keep
     /// the rate, count every response, and put the server's delay into the latencies.
-    fn serve(delay: Duration, close_every: Option<usize>) -> SocketAddr {
+    fn serve(
+        delay: Duration,
+        close_every: Option<usize>,
+        idle_close: Option<Duration>,
+    ) -> SocketAddr {
         use std::io::BufRead;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -690,6 +702,8 @@ mod tests {
                     let mut writer = stream;
                     let mut served = 0;
                     loop {
+                        // A server's keep-alive timeout: close without a word when idle.
+                        writer.set_read_timeout(idle_close).unwrap();
                         let mut line = String::new();
                         // Read one request head.
                         loop {
@@ -722,7 +736,7 @@ mod tests {
 
     #[test]
     fn a_run_sends_every_due_request_and_measures_from_the_due_time() {
-        let addr = serve(Duration::from_millis(5), None);
+        let addr = serve(Duration::from_millis(5), None, None);
         let a = args(&[
             "--rate",
             "400",
@@ -754,7 +768,7 @@ mod tests {
     fn a_backlog_counts_its_wait_and_closed_connections_are_reopened() {
         // One connection, 20 ms per response, 100 requests/s due: the server can do 50/s, so
         // the queue grows and the last requests wait far longer than the service time.
-        let addr = serve(Duration::from_millis(20), Some(3));
+        let addr = serve(Duration::from_millis(20), Some(3), None);
         let a = args(&[
             "--rate",
             "100",
@@ -774,6 +788,27 @@ mod tests {
         assert!(tally.max_backlog >= 5, "backlog {}", tally.max_backlog);
         let worst = tally.latencies_ns.iter().max().copied().unwrap();
         assert!(worst >= 200_000_000, "worst latency {worst} ns");
+    }
+
+    #[test]
+    fn idle_connections_the_server_closes_are_reopened_without_errors() {
+        // 4 connections at 40/s: each sits idle ~100 ms between requests, and the server
+        // closes it after 10 ms of silence. Every closed slot must come back exactly once.
+        let addr = serve(Duration::ZERO, None, Some(Duration::from_millis(10)));
+        let a = args(&[
+            "--rate",
+            "40",
+            "--connections",
+            "4",
+            "--duration",
+            "0.5",
+            &format!("http://{addr}/"),
+        ])
+        .unwrap();
+        let (tally, due, sent, _) = run(&a).unwrap();
+        assert_eq!((due, sent), (20, 20));
+        assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+        assert_eq!(tally.status.get(&200), Some(&20));
     }
 
     #[test]
