@@ -137,50 +137,30 @@ fn chunked_len(body: &[u8]) -> Result<Option<usize>, &'static str> {
 mod tests {
     use super::*;
 
+    fn complete(status: u16, len: usize, keep_alive: bool) -> Parsed {
+        Parsed::Complete {
+            status,
+            len,
+            keep_alive,
+        }
+    }
+
     #[test]
     fn content_length_delimits_and_keep_alive_follows_the_version() {
         let r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-        assert_eq!(
-            parse_response(r),
-            Parsed::Complete {
-                status: 200,
-                len: r.len(),
-                keep_alive: true
-            }
-        );
+        assert_eq!(parse_response(r), complete(200, r.len(), true));
         assert_eq!(parse_response(&r[..r.len() - 1]), Parsed::Incomplete);
         assert_eq!(parse_response(&r[..10]), Parsed::Incomplete);
         let r = b"HTTP/1.0 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
-        assert_eq!(
-            parse_response(r),
-            Parsed::Complete {
-                status: 503,
-                len: r.len(),
-                keep_alive: false
-            }
-        );
+        assert_eq!(parse_response(r), complete(503, r.len(), false));
         let r = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(
-            parse_response(r),
-            Parsed::Complete {
-                status: 200,
-                len: r.len(),
-                keep_alive: false
-            }
-        );
+        assert_eq!(parse_response(r), complete(200, r.len(), false));
     }
 
     #[test]
     fn chunked_bodies_end_after_the_last_chunk_and_trailers() {
         let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nok\r\n0\r\nT: 1\r\n\r\n";
-        assert_eq!(
-            parse_response(r),
-            Parsed::Complete {
-                status: 200,
-                len: r.len(),
-                keep_alive: true
-            }
-        );
+        assert_eq!(parse_response(r), complete(200, r.len(), true));
         for cut in [r.len() - 1, r.len() - 8, r.len() - 14] {
             assert_eq!(
                 parse_response(&r[..cut]),
@@ -212,11 +192,7 @@ mod tests {
         );
         assert_eq!(
             parse_response(b"HTTP/1.1 204 No Content\r\n\r\n"),
-            Parsed::Complete {
-                status: 204,
-                len: 27,
-                keep_alive: true
-            }
+            complete(204, 27, true)
         );
     }
 }

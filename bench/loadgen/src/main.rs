@@ -588,75 +588,45 @@ mod tests {
         parse_args(list.iter().map(|s| s.to_string()))
     }
 
+    /// `--rate`, `--connections` and `--duration`, any `extra` options, then the URL.
+    fn run_args(
+        rate: &str,
+        connections: &str,
+        duration: &str,
+        extra: &[&str],
+        url: &str,
+    ) -> Result<Args, String> {
+        let mut list = vec![
+            "--rate",
+            rate,
+            "--connections",
+            connections,
+            "--duration",
+            duration,
+        ];
+        list.extend_from_slice(extra);
+        list.push(url);
+        args(&list)
+    }
+
     #[test]
     fn arguments_are_checked_and_the_request_names_the_authority() {
-        let a = args(&[
-            "--rate",
-            "100",
-            "--connections",
-            "4",
-            "--duration",
-            "1",
-            "http://127.0.0.1:8080/x",
-        ])
-        .unwrap();
+        let a = run_args("100", "4", "1", &[], "http://127.0.0.1:8080/x").unwrap();
         assert_eq!(a.connections, 4);
         assert_eq!(a.addr, "127.0.0.1:8080".parse().unwrap());
         assert!(
             a.request
                 .starts_with(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n")
         );
-        assert!(
-            args(&[
-                "--rate",
-                "0",
-                "--connections",
-                "4",
-                "--duration",
-                "1",
-                "http://127.0.0.1:1/"
-            ])
-            .is_err()
-        );
-        assert!(
-            args(&[
-                "--rate",
-                "10",
-                "--connections",
-                "1.5",
-                "--duration",
-                "1",
-                "http://127.0.0.1:1/"
-            ])
-            .is_err()
-        );
-        assert!(
-            args(&[
-                "--rate",
-                "10",
-                "--connections",
-                "1",
-                "--duration",
-                "1",
-                "https://127.0.0.1:1/"
-            ])
-            .is_err()
-        );
+        assert!(run_args("0", "4", "1", &[], "http://127.0.0.1:1/").is_err());
+        assert!(run_args("10", "1.5", "1", &[], "http://127.0.0.1:1/").is_err());
+        assert!(run_args("10", "1", "1", &[], "https://127.0.0.1:1/").is_err());
         assert!(args(&["--rate", "10", "--connections", "1", "http://127.0.0.1:1/"]).is_err());
     }
 
     #[test]
     fn the_report_carries_a_histogram_to_the_microsecond() {
-        let a = args(&[
-            "--rate",
-            "10",
-            "--connections",
-            "1",
-            "--duration",
-            "1",
-            "http://127.0.0.1:1/",
-        ])
-        .unwrap();
+        let a = run_args("10", "1", "1", &[], "http://127.0.0.1:1/").unwrap();
         let mut tally = Tally {
             latencies_ns: vec![5_000, 1_700, 2_100, 1_500],
             ..Tally::default()
@@ -737,16 +707,7 @@ mod tests {
     #[test]
     fn a_run_sends_every_due_request_and_measures_from_the_due_time() {
         let addr = serve(Duration::from_millis(5), None, None);
-        let a = args(&[
-            "--rate",
-            "400",
-            "--connections",
-            "8",
-            "--duration",
-            "0.5",
-            &format!("http://{addr}/"),
-        ])
-        .unwrap();
+        let a = run_args("400", "8", "0.5", &[], &format!("http://{addr}/")).unwrap();
         let (tally, due, sent, _) = run(&a).unwrap();
         assert_eq!(due, 200);
         assert_eq!(sent, 200);
@@ -769,17 +730,13 @@ mod tests {
         // One connection, 20 ms per response, 100 requests/s due: the server can do 50/s, so
         // the queue grows and the last requests wait far longer than the service time.
         let addr = serve(Duration::from_millis(20), Some(3), None);
-        let a = args(&[
-            "--rate",
+        let a = run_args(
             "100",
-            "--connections",
             "1",
-            "--duration",
             "0.3",
-            "--grace",
-            "5",
+            &["--grace", "5"],
             &format!("http://{addr}/"),
-        ])
+        )
         .unwrap();
         let (tally, due, sent, _) = run(&a).unwrap();
         assert_eq!((due, sent), (30, 30));
@@ -795,16 +752,7 @@ mod tests {
         // 4 connections at 40/s: each sits idle ~100 ms between requests, and the server
         // closes it after 10 ms of silence. Every closed slot must come back exactly once.
         let addr = serve(Duration::ZERO, None, Some(Duration::from_millis(10)));
-        let a = args(&[
-            "--rate",
-            "40",
-            "--connections",
-            "4",
-            "--duration",
-            "0.5",
-            &format!("http://{addr}/"),
-        ])
-        .unwrap();
+        let a = run_args("40", "4", "0.5", &[], &format!("http://{addr}/")).unwrap();
         let (tally, due, sent, _) = run(&a).unwrap();
         assert_eq!((due, sent), (20, 20));
         assert!(tally.errors.is_empty(), "{:?}", tally.errors);
@@ -816,16 +764,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let a = args(&[
-            "--rate",
-            "10",
-            "--connections",
-            "1",
-            "--duration",
-            "0.1",
-            &format!("http://{addr}/"),
-        ])
-        .unwrap();
+        let a = run_args("10", "1", "0.1", &[], &format!("http://{addr}/")).unwrap();
         let err = run(&a).err().expect("connect must fail");
         assert!(err.to_string().contains("connect to"), "{err}");
     }
