@@ -85,10 +85,10 @@ check_int CONNECTIONS "$CONNECTIONS" 1 1000
 check_int HIGH_CONNECTIONS "$HIGH_CONNECTIONS" 1 5000
 check_int H2_STREAMS "$H2_STREAMS" 1 100
 check_int PAIRED_SLICES "$PAIRED_SLICES" 1 50
-check_int LOADGEN_TICK_US "$LOADGEN_TICK_US" 0 100000
-[[ -z "$LOADGEN_TRACE_DIR" ]] || mkdir -p "$LOADGEN_TRACE_DIR" || die "cannot create LOADGEN_TRACE_DIR $LOADGEN_TRACE_DIR"
 check_int PAIRED_SECONDS "$PAIRED_SECONDS" 1 60
+check_int LOADGEN_TICK_US "$LOADGEN_TICK_US" 0 100000
 [[ -z "$RATE" ]] || check_int RATE "$RATE" 1 10000000
+[[ -z "$LOADGEN_TRACE_DIR" ]] || mkdir -p "$LOADGEN_TRACE_DIR" || die "cannot create LOADGEN_TRACE_DIR $LOADGEN_TRACE_DIR"
 
 declare -A WANT=()
 for s in ${SCENARIOS//,/ }; do
@@ -763,20 +763,21 @@ for scen, tool in groups():
         m["rss_mib"] = max(r["rss_mib"] for r in rs)
         m["errors"] = sum(r["errors"] for r in rs)
         m["rounds"] = rs
-        hists = [r.get("hist") for r in rs]
-        if tool == "rate" and all(hists):
+        if tool == "rate":
+            # Rounds in which the whole pipeline fell behind the schedule for a good part of
+            # the round: their median latency is many times the proxy's usual one. (Their
+            # req/s hardly shows it: the backlog drains after the last due time.)
+            m["behind"] = [r["round"] for r in rs if r["p50"] > 10 * m["p50"]]
             # Percentiles of every request of every round, pooled: shown beside the medians.
             # Not the target's figure: one round in which the whole machine fell behind the
             # schedule (seen for nginx and breakwater alike) holds most of a pool's tail.
-            counts = {}
-            for h in hists:
-                for us, c in h:
-                    counts[us] = counts.get(us, 0) + c
-            m["pooled"] = pooled_quantiles(counts, (0.5, 0.99, 0.999))
-        # Rounds in which the whole pipeline fell behind the schedule for a good part of the
-        # round: their median latency is many times the proxy's usual one. (Their req/s
-        # hardly shows it: the backlog drains after the last due time.)
-        m["behind"] = [r["round"] for r in rs if tool == "rate" and r["p50"] > 10 * m["p50"]]
+            hists = [r.get("hist") for r in rs]
+            if all(hists):
+                counts = {}
+                for h in hists:
+                    for us, c in h:
+                        counts[us] = counts.get(us, 0) + c
+                m["pooled"] = pooled_quantiles(counts, (0.5, 0.99, 0.999))
         med[(scen, tool, n)] = m
 
 def f(v, spec):
