@@ -327,7 +327,7 @@ else
     fi
 fi
 [[ -x "$BIN" ]] || die "breakwater binary not found or not executable: $BIN"
-BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | head -n1)"
+BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | sed -n 1p)"
 
 # `breakwater` does the job nginx and HAProxy are configured for here (no forwarding headers);
 # `bw-fwd`, every field at its default, adds them, as `nginx-fwd` does.
@@ -615,10 +615,12 @@ fi
 # Report
 # ---------------------------------------------------------------------------
 mkdir -p "$RESULTS_DIR"
-WRK_VERSION="$( (wrk --version 2>&1 || true) | head -n1 | awk '{print $1, $2}')"
+# Version lines take the first line with sed/awk, which read to the end: `head -n1` exits early,
+# and a tool still writing (haproxy -v) then dies of SIGPIPE, which pipefail turns into an exit.
+WRK_VERSION="$( (wrk --version 2>&1 || true) | awk 'NR == 1 {print $1, $2}')"
 NGINX_VERSION="$("$NGINX" -v 2>&1 || true)"
-HAPROXY_VERSION="$("$HAPROXY" -v 2>/dev/null | head -n1 | awk '{print "haproxy", $3}')"
-H2LOAD_VERSION="$(h2load --version 2>/dev/null | head -n1)"
+HAPROXY_VERSION="$("$HAPROXY" -v 2>/dev/null | awk 'NR == 1 {print "haproxy", $3}')"
+H2LOAD_VERSION="$(h2load --version 2>/dev/null | sed -n 1p)"
 LOADGEN_REV="$(git -C "$ROOT" log -1 --format=%h -- bench/loadgen 2>/dev/null || true)"
 LOADGEN_VERSION="$([[ -n "$LOADGEN" ]] && echo "bench/loadgen (${LOADGEN_REV:-uncommitted})" || echo "bench/loadgen: not built")"
 HEADER="breakwater comparison (issue #7)  $(date -u +%Y-%m-%dT%H:%M:%SZ)

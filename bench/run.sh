@@ -184,7 +184,7 @@ if [[ "$ONLY_NGINX" != 1 ]]; then
         BIN="$TD/release/breakwater"
     fi
     [[ -x "$BIN" ]] || die "breakwater binary not found or not executable: $BIN"
-    BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | head -n1)"
+    BW_VERSION="$( (timeout 5 "$BIN" --version 2>/dev/null || true) | sed -n 1p)"
 
     plain_policy "$BW_PORT" "$BACKEND_PORT" >"$TMP/bw.yaml"
     RUST_LOG=warn "${PIN_PROXY[@]}" "$BIN" run --config "$TMP/bw.yaml" --admin-addr "127.0.0.1:$ADMIN_PORT" --workers 1 \
@@ -263,7 +263,7 @@ fi
 # Report
 # ---------------------------------------------------------------------------
 mkdir -p "$RESULTS_DIR"
-WRK_VERSION="$( (wrk --version 2>&1 || true) | head -n1 | awk '{print $1, $2}')"
+WRK_VERSION="$( (wrk --version 2>&1 || true) | awk 'NR == 1 {print $1, $2}')"
 NGINX_VERSION="$("$NGINX" -v 2>&1 || true)"
 HEADER="breakwater benchmark  $(date -u +%Y-%m-%dT%H:%M:%SZ)
 host: $(nproc) CPUs, $(uname -sr); $NGINX_VERSION; $WRK_VERSION
